@@ -1,0 +1,41 @@
+import os
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the hub: models are built from configs
+os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pi0(tmp_path_factory):
+    from tiny_pi0 import build_tiny_pi0
+
+    return build_tiny_pi0(str(tmp_path_factory.mktemp("pi0")))
+
+
+@pytest.fixture
+def sim():
+    """One in-process physx_cpu PegInsertionSide env (batched torch API), for setting poses by hand."""
+    env = common._make_maniskill(
+        env_id=common.ENV_ID, num_envs=1, sim_backend="physx_cpu", control_mode="pd_ee_delta_pose", images=False,
+        camera_size=64, reward="staged", reward_cfg=common.StagedRewardConfig(), reconf=1,
+    )
+    env.reset(seed=0)
+    yield env
+    env.close()
+
+
+def run(script, *args, timeout=600):
+    """Run a repository script as a subprocess; returns the CompletedProcess (stdout+stderr text)."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True,
+        timeout=timeout, cwd=os.environ.get("RUN_CWD", ROOT),
+    )

@@ -1,0 +1,85 @@
+"""Environment factory: CPU vector env parity with single envs, ManiSkill's eval protocol, bad inputs."""
+
+import pytest
+import torch
+
+import common
+
+
+def test_cpu_vector_env_matches_single_envs():
+    """Env i of a 2-worker CPU vector env reproduces an in-process env seeded with seed + i, across an auto-reset."""
+    seed, steps = 7, 110  # 110 > 100 steps: crosses the truncation and the same-step reset
+    gen = torch.Generator().manual_seed(0)
+    actions = torch.rand(steps, 2, 7, generator=gen) * 2 - 1
+    envs = common.make_env(2, "physx_cpu", seed=seed)
+    try:
+        obs = envs.reset()
+        vec = [(obs["state"].clone(), None, None)]
+        for t in range(steps):
+            obs, reward, terminated, truncated, info = envs.step(actions[t])
+            vec.append((info["final_obs"]["state"].clone(), reward.clone(), obs["state"].clone()))
+    finally:
+        envs.close()
+    for i in range(2):
+        single = common._make_maniskill(
+            env_id=common.ENV_ID, num_envs=1, sim_backend="physx_cpu", control_mode="pd_ee_delta_pose",
+            images=False, camera_size=64, reward="staged", reward_cfg=common.StagedRewardConfig(), reconf=10,
+        )
+        obs, _ = single.reset(seed=seed + i)
+        torch.testing.assert_close(obs["state"][0], vec[0][0][i])
+        for t in range(steps):
+            obs, reward, terminated, truncated, _ = single.step(actions[t, i][None])
+            torch.testing.assert_close(obs["state"][0], vec[t + 1][0][i])  # the true next observation
+            torch.testing.assert_close(reward[0], vec[t + 1][1][i])
+            if terminated.item() or truncated.item():
+                obs, _ = single.reset()
+                torch.testing.assert_close(obs["state"][0], vec[t + 1][2][i])  # the auto-reset observation
+        single.close()
+
+
+def test_eval_env_runs_full_episodes_and_reports_metrics():
+    envs = common.make_env(2, "physx_cpu", eval_mode=True, seed=1)
+    try:
+        envs.reset()
+        for t in range(envs.max_episode_steps):
+            _, reward, terminated, truncated, info = envs.step(torch.zeros(2, 7))
+            assert not terminated.any()  # ManiSkill's protocol: no early termination in eval
+        assert truncated.all()
+        ep = info["episode"]
+        assert ep["episode_len"].tolist() == [100, 100]
+        assert not ep["success_once"].any() and not ep["success_at_end"].any()  # standing still never inserts
+        assert (ep["return"] < 0).all()  # every pre-success step of the staged reward is negative
+    finally:
+        envs.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_envs=0), "--num-envs must be >= 1"),
+        (dict(num_envs=512, sim_backend="physx_cpu"), "use --num-envs"),
+        (dict(num_envs=1, sim_backend="tpu"), "unknown --sim-backend"),
+        (dict(num_envs=1, reward="dense"), "unknown --reward"),
+    ],
+)
+def test_bad_env_arguments(kwargs, message):
+    with pytest.raises(common.ConfigError, match=message):
+        common.make_env(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_gpu_backend_without_cuda_is_a_clear_error():
+    with pytest.raises(common.ConfigError, match="needs CUDA"):
+        common.make_env(4, "physx_cuda")
+    assert common.resolve_sim_backend("auto") == "physx_cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_vector_env_steps():
+    envs = common.make_env(16, "physx_cuda", seed=0)
+    obs = envs.reset()
+    for _ in range(3):
+        obs, reward, terminated, truncated, info = envs.step(torch.zeros(16, 7, device=envs.device))
+    assert obs["state"].shape == (16, common.STATE_DIM) and obs["state"].is_cuda
+    assert set(info) >= {"final_obs", "episode", "success", "reward/grasp"}
+    envs.close()

@@ -1,0 +1,125 @@
+"""The staged reward (paper section 2.3): each term against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from mani_skill.utils.structs import Pose
+
+import common
+
+CFG = common.StagedRewardConfig()
+
+
+def yaw_quat(theta):
+    return [math.cos(theta / 2), 0.0, 0.0, math.sin(theta / 2)]
+
+
+def terms(tcp, peg, half, hole, radius, width, contact, success, cfg=CFG):
+    t = lambda x: torch.tensor([x], dtype=torch.float32)  # noqa: E731
+    out = common.staged_reward_terms(
+        t(tcp), t(peg), t(half), t(hole), t(radius), t(width), torch.tensor([contact]), torch.tensor([success]), cfg
+    )
+    return {k: v.item() for k, v in out.items()}
+
+
+L, R = 0.1, 0.02  # peg half length and half width
+
+
+def test_grasp_stage_terms():
+    # TCP straight above the tail point, gripper x along world x, peg yawed by 0.3 rad, fingers fully open (8 cm).
+    theta = 0.3
+    v_peg = np.array([math.cos(theta), math.sin(theta), 0.0])
+    peg_p = np.array([0.05, -0.1, R])
+    tail = peg_p - 0.5 * L * v_peg
+    tcp_p = tail + np.array([0.0, 0.0, 0.12])
+    out = terms([*tcp_p, 1, 0, 0, 0], [*peg_p, *yaw_quat(theta)], [L, R, R], [0, 0.3, 0.1, 1, 0, 0, 0], 0.023,
+                0.08, False, False)
+    expected = -CFG.a1 * 0.12 - CFG.a2 * theta - CFG.b3 * abs(0.08 - 2 * R)
+    assert out["grasp"] == pytest.approx(expected, abs=1e-6)
+    assert out["orient"] == out["insert"] == out["success"] == 0
+    assert out["stage"] == pytest.approx(CFG.stage_offsets[0])
+
+
+def test_grasp_angle_is_symmetric_and_contact_pays_b1():
+    peg = [0.0, 0.0, R, *yaw_quat(0.0)]
+    tail_tcp = [-0.5 * L, 0, R]
+    turned = terms([*tail_tcp, *yaw_quat(math.pi)], peg, [L, R, R], [0, 0.3, 0.1, 1, 0, 0, 0], 0.023, 2 * R, False,
+                   False)
+    assert turned["grasp"] == pytest.approx(0.0, abs=1e-6)  # half-turned gripper: same grasp
+    # Contact switches the stage: the held peg (aligned with this hole) is scored by R_insert, not R_grasp.
+    held = terms([*tail_tcp, 1, 0, 0, 0], peg, [L, R, R], [0, 0.3, 0.1, 1, 0, 0, 0], 0.023, 2 * R, True, False)
+    assert held["grasp"] == 0 and held["insert"] != 0
+
+
+def test_orient_stage_terms():
+    phi = 0.7  # hole normal yawed 0.7 rad from the peg axis
+    out = terms([-0.05, 0, R, 1, 0, 0, 0], [0, 0, R, 1, 0, 0, 0], [L, R, R], [0, 0.3, 0.1, *yaw_quat(phi)], 0.023,
+                2 * R, True, False)
+    assert out["orient"] == pytest.approx(-CFG.g1 * phi, abs=1e-6)
+    assert out["grasp"] == out["insert"] == 0
+    assert out["stage"] == pytest.approx(CFG.stage_offsets[1])
+
+
+@pytest.mark.parametrize("depth, lateral", [(0.03, 0.0), (0.03, 0.03), (0.0, 0.0)])
+def test_insert_stage_terms(depth, lateral):
+    # Peg and hole both along world x; the hole centre sits (L - depth) ahead of the head and `lateral` to the side,
+    # so the head is `depth` past the box face (the box spans x in [-L, L] around the hole centre).
+    head = np.array([L, 0.0, R])
+    hole = head + np.array([L - depth, lateral, 0.0])
+    out = terms([-0.05, 0, R, 1, 0, 0, 0], [0, 0, R, 1, 0, 0, 0], [L, R, R], [*hole, 1, 0, 0, 0], R + 0.003, 2 * R,
+                True, False)
+    in_bore = lateral <= R + 0.003
+    expected = -CFG.d1 * math.hypot(L - depth, lateral) + CFG.d2 * depth * in_bore
+    assert out["insert"] == pytest.approx(expected, abs=1e-6)
+    assert out["stage"] == pytest.approx(CFG.stage_offsets[2])
+
+
+def test_success_pays_only_r_success():
+    out = terms([-0.05, 0, R, 1, 0, 0, 0], [0, 0, R, 1, 0, 0, 0], [L, R, R], [L, 0, R, 1, 0, 0, 0], R + 0.003, 2 * R,
+                True, True)
+    assert out == {"grasp": 0, "orient": 0, "insert": 0, "success": CFG.r_success, "stage": 0}
+
+
+def test_stages_are_monotone_with_default_offsets():
+    """Each stage pays more than the best of the one before it (why stage_offsets exist), and all pay < 0."""
+    c1, c2, c3 = CFG.stage_offsets
+    best_grasp, worst_orient = c1 + CFG.b1, c2 - CFG.g1 * math.pi
+    worst_insert = c3 - CFG.d1 * 0.6  # head at most ~0.6 m from the hole on the table
+    assert best_grasp < worst_orient < c2 < worst_insert
+    assert c3 + CFG.d2 * 0.125 < 0 < CFG.r_success
+
+
+def test_reward_read_from_the_simulator(sim):
+    """Poses set in the simulator give the hand-computed R_grasp; the env's reward is the sum of the terms."""
+    env = sim.unwrapped
+    theta = 0.4
+    env.peg.set_pose(Pose.create_from_pq(torch.tensor([[0.02, -0.1, 0.03]]), torch.tensor([yaw_quat(theta)])))
+    info = env.evaluate()
+    out = {k: v.item() for k, v in common.staged_reward(env, info, CFG).items()}
+    tcp = env.agent.tcp.pose
+    tcp_p = tcp.p[0].numpy()
+    tcp_x = tcp.to_transformation_matrix()[0, :3, 0].numpy()
+    half = env.peg_half_sizes[0].numpy()
+    v_peg = np.array([math.cos(theta), math.sin(theta), 0.0])
+    tail = np.array([0.02, -0.1, 0.03]) - 0.5 * half[0] * v_peg
+    width = env.agent.robot.get_qpos()[0, -2:].sum().item()
+    expected = (
+        -CFG.a1 * np.linalg.norm(tcp_p - tail)
+        - CFG.a2 * math.acos(min(1.0, abs(float(tcp_x @ v_peg))))
+        - CFG.b3 * abs(width - 2 * half[1])
+    )
+    assert out["grasp"] == pytest.approx(expected, abs=1e-5)
+    _, reward, *_ , step_info = sim.step(torch.zeros(1, 7))
+    assert reward.item() == pytest.approx(sum(step_info[f"reward/{k}"].item() for k in common.REWARD_TERMS))
+
+
+def test_success_in_the_simulator(sim):
+    """The peg placed at the goal pose (head at the hole centre) is a success: R = R_success alone."""
+    env = sim.unwrapped
+    env.peg.set_pose(env.goal_pose)
+    info = env.evaluate()
+    assert info["success"].item()
+    out = {k: v.item() for k, v in common.staged_reward(env, info, CFG).items()}
+    assert out == {"grasp": 0, "orient": 0, "insert": 0, "success": CFG.r_success, "stage": 0}
