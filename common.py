@@ -34,8 +34,6 @@ import mani_skill.envs  # noqa: E402,F401  (registers the ManiSkill tasks)
 from mani_skill.utils.geometry.rotation_conversions import (  # noqa: E402
     axis_angle_to_matrix,
     matrix_to_axis_angle,
-    quaternion_apply,
-    quaternion_invert,
     quaternion_to_matrix,
 )
 
@@ -103,70 +101,57 @@ class StagedRewardConfig:
     """p_peg_tail = peg centre - tail_frac * half length along the peg axis (0.5: middle of the white tail half)"""
 
 
-def staged_reward_terms(
-    tcp_pose, peg_pose, peg_half_size, hole_pose, hole_radius, gripper_width, tail_contact, success, cfg
-) -> dict[str, torch.Tensor]:
-    """Per-env staged reward terms from batched poses ((B, 7): p, quat wxyz) and flags; pure tensor math.
+def staged_reward_terms(state, tail_contact, success, cfg) -> dict[str, torch.Tensor]:
+    """Per-env staged reward terms from the state vector (poses of TCP, peg and hole, sizes, gripper) and flags.
 
     Stages (one-hot, success overrides them all): 1 grasp until the fingers hold the peg's tail; 2 orient while the
     held peg's axis is more than `align_angle` from the hole normal; 3 insert once it is aligned.
     """
-    ex = torch.tensor([1.0, 0.0, 0.0], device=tcp_pose.device).expand(tcp_pose.shape[0], 3)
-    half_len, peg_radius = peg_half_size[:, 0], peg_half_size[:, 1]
-    v_gripper = quaternion_apply(tcp_pose[:, 3:], ex)  # Panda TCP x: along the fingers' slot, parallel to a held peg
-    v_peg = quaternion_apply(peg_pose[:, 3:], ex)  # peg x: tail -> head
-    v_hole = quaternion_apply(hole_pose[:, 3:], ex)  # hole x: insertion direction
-    p_tail = peg_pose[:, :3] - (cfg.tail_frac * half_len)[:, None] * v_peg
-    p_head = peg_pose[:, :3] + half_len[:, None] * v_peg
+    tcp, peg, hole = state[:, TCP_POSE], state[:, PEG_POSE], state[:, HOLE_POSE]
+    half_len, peg_radius = state[:, PEG_HALF_SIZE][:, 0], state[:, PEG_HALF_SIZE][:, 1]
+    rot = quaternion_to_matrix(torch.stack([tcp[:, 3:], peg[:, 3:], hole[:, 3:]], 1))  # (B, 3, 3, 3)
+    v_gripper = rot[:, 0, :, 0]  # Panda TCP x: along the fingers' slot, parallel to a held peg
+    v_peg = rot[:, 1, :, 0]  # peg x: tail -> head
+    v_hole = rot[:, 2, :, 0]  # hole x: the insertion direction
+    p_tail = peg[:, :3] - (cfg.tail_frac * half_len)[:, None] * v_peg
+    p_head = peg[:, :3] + half_len[:, None] * v_peg
     # The parallel gripper is symmetric under a half turn about its approach axis, hence |v_gripper . v_peg|.
     grasp_angle = torch.arccos((v_gripper * v_peg).sum(-1).abs().clamp(max=1.0))
     r_grasp = (
-        -cfg.a1 * (tcp_pose[:, :3] - p_tail).norm(dim=-1)
+        -cfg.a1 * (tcp[:, :3] - p_tail).norm(dim=-1)
         - cfg.a2 * grasp_angle
         + cfg.b1 * tail_contact.float()
-        - cfg.b3 * (gripper_width - 2 * peg_radius).abs()
+        - cfg.b3 * (state[:, QPOS][:, 7:9].sum(-1) - 2 * peg_radius).abs()
     )
     orient_angle = torch.arccos((v_peg * v_hole).sum(-1).clamp(-1.0, 1.0))
     r_orient = -cfg.g1 * orient_angle
     # Head in the hole frame; the box (and so the hole) spans x in [-half_len, half_len], entered from -x.
-    head_in_hole = quaternion_apply(quaternion_invert(hole_pose[:, 3:]), p_head - hole_pose[:, :3])
-    in_bore = (head_in_hole[:, 1:].abs() <= hole_radius[:, None]).all(-1)
+    head_in_hole = ((p_head - hole[:, :3]).unsqueeze(1) @ rot[:, 2]).squeeze(1)
+    in_bore = (head_in_hole[:, 1:].abs() <= state[:, HOLE_RADIUS]).all(-1)
     d_inserted = (head_in_hole[:, 0] + half_len).clamp(min=0.0) * in_bore
-    r_insert = -cfg.d1 * (p_head - hole_pose[:, :3]).norm(dim=-1) + cfg.d2 * d_inserted
+    r_insert = -cfg.d1 * (p_head - hole[:, :3]).norm(dim=-1) + cfg.d2 * d_inserted
 
     not_done = ~success
     l1 = not_done & ~tail_contact
     l2 = not_done & tail_contact & (orient_angle >= cfg.align_angle)
     l3 = not_done & tail_contact & (orient_angle < cfg.align_angle)
-    offsets = torch.tensor(cfg.stage_offsets, device=tcp_pose.device)
-    stage = torch.stack([l1, l2, l3], -1).float() @ offsets
+    c1, c2, c3 = cfg.stage_offsets
     return dict(
         grasp=l1 * r_grasp,
         orient=l2 * r_orient,
         insert=l3 * r_insert,
         success=success * cfg.r_success,
-        stage=stage,
+        stage=l1 * c1 + l2 * c2 + l3 * c3,
     )
 
 
-def staged_reward(env, info: dict, cfg: StagedRewardConfig) -> dict[str, torch.Tensor]:
-    """Read the poses and contacts the staged reward needs from a (batched) PegInsertionSide env."""
-    agent, peg = env.agent, env.peg
-    tcp_pose, peg_pose = agent.tcp.pose.raw_pose, peg.pose.raw_pose
-    tcp_in_peg_x = quaternion_apply(quaternion_invert(peg_pose[:, 3:]), tcp_pose[:, :3] - peg_pose[:, :3])[:, 0]
-    tail_contact = agent.is_grasping(peg) & (tcp_in_peg_x < 0)  # both fingers press on the tail (-x) half
-    qpos = agent.robot.get_qpos()
-    return staged_reward_terms(
-        tcp_pose,
-        peg_pose,
-        env.peg_half_sizes,
-        env.box_hole_pose.raw_pose,
-        env.box_hole_radii,
-        qpos[:, -2:].sum(-1),
-        tail_contact,
-        info["success"],
-        cfg,
-    )
+def staged_reward(env, state: torch.Tensor, info: dict, cfg: StagedRewardConfig) -> dict[str, torch.Tensor]:
+    """The staged reward of a (batched) PegInsertionSide env: poses from its state observation, contact from the
+    simulator's finger-peg forces (both fingers press on the peg, on its tail (-x) half)."""
+    peg, tcp_p = state[:, PEG_POSE], state[:, TCP_POSE][:, :3]
+    tcp_in_peg_x = (quaternion_to_matrix(peg[:, 3:])[:, :, 0] * (tcp_p - peg[:, :3])).sum(-1)
+    tail_contact = env.agent.is_grasping(env.peg) & (tcp_in_peg_x < 0)
+    return staged_reward_terms(state, tail_contact, info["success"], cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -205,7 +190,8 @@ class TaskWrapper(gym.Wrapper):
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         if self.reward == "staged":
-            terms = staged_reward(self.env.unwrapped, info, self.reward_cfg)
+            state = obs["state"] if self.images else obs
+            terms = staged_reward(self.env.unwrapped, state, info, self.reward_cfg)
             reward = sum(terms.values())
             info.update({f"reward/{k}": v for k, v in terms.items()})
         return self._obs(obs), reward, terminated, truncated, info
@@ -241,7 +227,7 @@ def _make_maniskill(env_id, num_envs, sim_backend, control_mode, images, camera_
         sim_backend=sim_backend,
         reward_mode="normalized_dense" if reward == "normalized_dense" else "sparse",
         reconfiguration_freq=reconf,
-        render_mode="rgb_array",
+        render_mode="rgb_array" if images else None,
         render_backend="gpu" if torch.cuda.is_available() else "sapien_cpu",  # lavapipe on CPU-only machines
         # Without it, resets after the first draw from torch's *global* RNG (our training RNG on the GPU path).
         enhanced_determinism=True,
@@ -283,7 +269,7 @@ class VecEnv:
                 functools.partial(_cpu_worker, eval_mode, dict(make_kwargs, num_envs=1)) for _ in range(num_envs)
             ]
             self.envs = gym.vector.AsyncVectorEnv(
-                fns, context="spawn", autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, copy=False
+                fns, context="spawn", autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
             )
             self.device = torch.device("cpu")
             self.single_observation_space = self.envs.single_observation_space
@@ -300,7 +286,8 @@ class VecEnv:
     def reset(self, seed: Optional[int] = None):
         """Reset all envs; env i is seeded with seed + i (then follows its own RNG) for reproducible episodes."""
         seed = self.seed if seed is None else seed
-        self._returns.zero_(), self._lengths.zero_(), self._success_once.zero_()
+        self._returns, self._lengths, self._success_once = (
+            torch.zeros_like(self._returns), torch.zeros_like(self._lengths), torch.zeros_like(self._success_once))
         if self.gpu:
             obs, _ = self.envs.reset(seed=[seed + i for i in range(self.num_envs)])
             return obs
@@ -336,18 +323,16 @@ class VecEnv:
                         final_obs[k][i] = torch.from_numpy(v)
         done = terminated | truncated
         success = step_info.pop("success").bool()
-        self._returns += reward
-        self._lengths += 1
-        self._success_once |= success
         out = {k: v.float() for k, v in step_info.items()}
+        # The running sums are replaced, not modified in place, so `episode` can hand out the old tensors as they are.
+        self._returns, self._lengths, self._success_once = (
+            self._returns + reward, self._lengths + 1, self._success_once | success)
         out["success"], out["final_obs"] = success, final_obs
-        out["episode"] = {
-            "return": self._returns.clone(),
-            "episode_len": self._lengths.clone(),
-            "success_once": self._success_once.clone(),
-            "success_at_end": success.clone(),
-        }
-        self._returns[done], self._lengths[done], self._success_once[done] = 0, 0, False
+        out["episode"] = {"return": self._returns, "episode_len": self._lengths, "success_once": self._success_once,
+                          "success_at_end": success}
+        live = ~done
+        self._returns, self._lengths, self._success_once = (
+            self._returns * live, self._lengths * live, self._success_once & live)
         return obs, reward, terminated, truncated, out
 
     def close(self):

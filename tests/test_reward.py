@@ -17,10 +17,13 @@ def yaw_quat(theta):
 
 
 def terms(tcp, peg, half, hole, radius, width, contact, success, cfg=CFG):
-    t = lambda x: torch.tensor([x], dtype=torch.float32)  # noqa: E731
-    out = common.staged_reward_terms(
-        t(tcp), t(peg), t(half), t(hole), t(radius), t(width), torch.tensor([contact]), torch.tensor([success]), cfg
-    )
+    """Terms for one env whose state vector holds these poses ([x, y, z, qw, qx, qy, qz]), sizes and finger width."""
+    state = torch.zeros(1, common.STATE_DIM)
+    state[0, common.QPOS][7:9] = width / 2
+    for part, value in ((common.TCP_POSE, tcp), (common.PEG_POSE, peg), (common.PEG_HALF_SIZE, half),
+                        (common.HOLE_POSE, hole), (common.HOLE_RADIUS, [radius])):
+        state[0, part] = torch.tensor(value, dtype=torch.float32)
+    out = common.staged_reward_terms(state, torch.tensor([contact]), torch.tensor([success]), cfg)
     return {k: v.item() for k, v in out.items()}
 
 
@@ -97,7 +100,7 @@ def test_reward_read_from_the_simulator(sim):
     theta = 0.4
     env.peg.set_pose(Pose.create_from_pq(torch.tensor([[0.02, -0.1, 0.03]]), torch.tensor([yaw_quat(theta)])))
     info = env.evaluate()
-    out = {k: v.item() for k, v in common.staged_reward(env, info, CFG).items()}
+    out = {k: v.item() for k, v in common.staged_reward(env, env.get_obs(info), info, CFG).items()}
     tcp = env.agent.tcp.pose
     tcp_p = tcp.p[0].numpy()
     tcp_x = tcp.to_transformation_matrix()[0, :3, 0].numpy()
@@ -121,5 +124,5 @@ def test_success_in_the_simulator(sim):
     env.peg.set_pose(env.goal_pose)
     info = env.evaluate()
     assert info["success"].item()
-    out = {k: v.item() for k, v in common.staged_reward(env, info, CFG).items()}
+    out = {k: v.item() for k, v in common.staged_reward(env, env.get_obs(info), info, CFG).items()}
     assert out == {"grasp": 0, "orient": 0, "insert": 0, "success": CFG.r_success, "stage": 0}
