@@ -219,7 +219,8 @@ class _CPUWorker(gym.Wrapper):
         return obs, float(reward[0]), terminated, bool(truncated[0]), info
 
 
-def _make_maniskill(env_id, num_envs, sim_backend, control_mode, images, camera_size, reward, reward_cfg, reconf):
+def _make_maniskill(env_id, num_envs, sim_backend, control_mode, images, camera_size, reward, reward_cfg, reconf,
+                    record_dir=None, video_dir=None, rank=0):
     kwargs = dict(
         num_envs=num_envs,
         obs_mode="state+rgb" if images else "state",
@@ -234,12 +235,24 @@ def _make_maniskill(env_id, num_envs, sim_backend, control_mode, images, camera_
     )
     if images:
         kwargs["sensor_configs"] = dict(width=camera_size, height=camera_size)
-    return TaskWrapper(gym.make(env_id, **kwargs), reward, reward_cfg, images)
+    if video_dir:
+        kwargs["render_mode"] = "rgb_array"
+    env = gym.make(env_id, **kwargs)
+    if record_dir or video_dir:
+        from mani_skill.utils.wrappers.record import RecordEpisode
+
+        if record_dir:  # ManiSkill's trajectory format; keep_successful_trajectories() merges and filters it
+            env = RecordEpisode(env, record_dir, trajectory_name=f"env{rank}", save_video=False,
+                                source_type="rl", source_desc="frozen base policy + residual RL policy")
+        if video_dir:
+            env = RecordEpisode(env, video_dir, save_trajectory=False, video_fps=20, max_steps_per_video=None,
+                                trajectory_name=f"env{rank}")
+    return TaskWrapper(env, reward, reward_cfg, images)
 
 
-def _cpu_worker(ignore_terminations, make_kwargs):
+def _cpu_worker(ignore_terminations, make_kwargs, rank):
     torch.set_num_threads(1)  # one core per simulator process: two envs use both cores of a 2-core machine
-    return _CPUWorker(_make_maniskill(**make_kwargs), ignore_terminations)
+    return _CPUWorker(_make_maniskill(**make_kwargs, rank=rank), ignore_terminations)
 
 
 class VecEnv:
@@ -251,11 +264,12 @@ class VecEnv:
     """
 
     def __init__(self, env_id, num_envs, sim_backend, control_mode, images, camera_size, reward, reward_cfg, eval_mode,
-                 seed, reconfiguration_freq):
+                 seed, reconfiguration_freq, record_dir=None, video_dir=None):
         self.num_envs, self.seed = num_envs, seed
         self.gpu = sim_backend == "physx_cuda"
         make_kwargs = dict(env_id=env_id, sim_backend=sim_backend, control_mode=control_mode, images=images,
-                           camera_size=camera_size, reward=reward, reward_cfg=reward_cfg, reconf=reconfiguration_freq)
+                           camera_size=camera_size, reward=reward, reward_cfg=reward_cfg, reconf=reconfiguration_freq,
+                           record_dir=record_dir, video_dir=video_dir)
         if self.gpu:
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
@@ -266,7 +280,7 @@ class VecEnv:
             self.max_episode_steps = env.unwrapped.max_episode_steps
         else:
             fns = [
-                functools.partial(_cpu_worker, eval_mode, dict(make_kwargs, num_envs=1)) for _ in range(num_envs)
+                functools.partial(_cpu_worker, eval_mode, dict(make_kwargs, num_envs=1), i) for i in range(num_envs)
             ]
             self.envs = gym.vector.AsyncVectorEnv(
                 fns, context="spawn", autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
@@ -283,16 +297,18 @@ class VecEnv:
         self._lengths = torch.zeros(num_envs, dtype=torch.long, device=self.device)
         self._success_once = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
 
-    def reset(self, seed: Optional[int] = None):
-        """Reset all envs; env i is seeded with seed + i (then follows its own RNG) for reproducible episodes."""
+    def reset(self, seed: Optional[int] = None, reconfigure: bool = False):
+        """Reset all envs; env i is seeded with seed + i (then follows its own RNG) for reproducible episodes.
+
+        `reconfigure` rebuilds the scenes, which also clears the physics engine's caches: after it, the same seed gives
+        bit-identical episodes on the CPU back end however the envs were used before (what exact resume needs).
+        """
         seed = self.seed if seed is None else seed
         self._returns, self._lengths, self._success_once = (
             torch.zeros_like(self._returns), torch.zeros_like(self._lengths), torch.zeros_like(self._success_once))
-        if self.gpu:
-            obs, _ = self.envs.reset(seed=[seed + i for i in range(self.num_envs)])
-            return obs
-        obs, _ = self.envs.reset(seed=[seed + i for i in range(self.num_envs)])
-        return {k: torch.from_numpy(v) for k, v in obs.items()}
+        seeds = [seed + i for i in range(self.num_envs)]
+        obs, _ = self.envs.reset(seed=seeds, options={"reconfigure": True} if reconfigure else None)
+        return obs if self.gpu else {k: torch.from_numpy(v) for k, v in obs.items()}
 
     def step(self, action: torch.Tensor):
         if self.gpu:
@@ -364,13 +380,16 @@ def make_env(
     eval_mode: bool = False,
     seed: int = 0,
     reconfiguration_freq: Optional[int] = None,
+    record_dir: Optional[str] = None,
+    video_dir: Optional[str] = None,
 ) -> VecEnv:
     """Train (`eval_mode=False`: partial resets, episodes end on success) or eval envs (ManiSkill's protocol:
     reconfigure every episode, no early termination, so success_at_end means what it says).
 
     Peg and box sizes change only on reconfiguration. GPU train envs keep ManiSkill's default of never
     reconfiguring (num_envs different geometries); CPU train envs reconfigure every 10th episode, as one rebuild
-    costs about as much as 25 steps.
+    costs about as much as 25 steps. `record_dir` records every episode in ManiSkill's trajectory format (one file
+    per CPU env; see keep_successful_trajectories), `video_dir` saves a video per episode.
     """
     if reward not in ("staged", "normalized_dense", "sparse"):
         raise ConfigError(f"unknown --reward {reward!r}: choose staged, normalized_dense or sparse")
@@ -387,7 +406,7 @@ def make_env(
     if reconfiguration_freq is None:
         reconfiguration_freq = 1 if eval_mode else (0 if backend == "physx_cuda" else 10)
     return VecEnv(env_id, num_envs, backend, control_mode, images, camera_size, reward,
-                  reward_cfg or StagedRewardConfig(), eval_mode, seed, reconfiguration_freq)
+                  reward_cfg or StagedRewardConfig(), eval_mode, seed, reconfiguration_freq, record_dir, video_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -822,11 +841,13 @@ def evaluate(
     residual: Optional[Callable[[dict, torch.Tensor], torch.Tensor]] = None,
     scale: float = 0.0,
     seed: int = 0,
+    trace: Optional[list] = None,
 ) -> dict[str, float]:
     """Mean success_once, success_at_end, return and episode_len over `num_episodes` full-length episodes.
 
     `residual(obs, a_base) -> a_res` (deterministic, in [-1, 1]); None evaluates the base alone. Envs and base are
     reset with `seed` first, so every call sees the same episodes and base-vs-residual comparisons are paired.
+    `trace`, a list, receives (a_base, a_res, done) per step, on the CPU (for keep_successful_trajectories).
     """
     obs = envs.reset(seed=seed)
     base.reset(torch.ones(envs.num_envs, dtype=torch.bool, device=envs.device), seed=seed)
@@ -834,9 +855,11 @@ def evaluate(
     episodes = 0
     while episodes < num_episodes:
         a_base = base(obs)
-        action = a_base if residual is None else compose_action(a_base, residual(obs, a_base), scale)
-        obs, _, terminated, truncated, info = envs.step(action)
+        a_res = torch.zeros_like(a_base) if residual is None else residual(obs, a_base)
+        obs, _, terminated, truncated, info = envs.step(compose_action(a_base, a_res, scale))
         done = terminated | truncated
+        if trace is not None:
+            trace.append((a_base.cpu(), a_res.cpu(), done.cpu()))
         if done.any():
             base.reset(done)
             episodes += int(done.sum())
@@ -845,6 +868,59 @@ def evaluate(
     out = {k: torch.cat(v)[:num_episodes].mean().item() for k, v in stats.items()}
     out["episodes"] = num_episodes
     return out
+
+
+def keep_successful_trajectories(record_dir: str, trace: list, num_envs: int, scale: float) -> int:
+    """Merge the per-env recordings of an evaluate() call into <record_dir>/trajectories.{h5,json}, keeping only the
+    episodes that end in success, each with its base and residual actions and the instruction: data to fine-tune the
+    VLA on (the data flywheel of the paper's section 1). Returns how many episodes were kept.
+
+    Env i's file holds env i's episodes in order (CPU back end); on the GPU back end one file holds all envs'
+    episodes, written env by env at every full reset.
+    """
+    import h5py
+
+    # Split the trace into episodes per env, in the order the recorder numbered them.
+    a_base, a_res, done = (torch.stack(x) for x in zip(*trace))  # (T, B, 7), (T, B, 7), (T, B)
+    episodes = {i: [] for i in range(num_envs)}
+    for i in range(num_envs):
+        ends = done[:, i].nonzero()[:, 0].tolist()
+        for start, end in zip([0] + [e + 1 for e in ends], ends):
+            episodes[i].append((a_base[start : end + 1, i], scale * a_res[start : end + 1, i]))
+    files = sorted(f[:-3] for f in os.listdir(record_dir) if f.startswith("env") and f.endswith(".h5"))
+    if len(files) == 1 and num_envs > 1:  # GPU: rounds of num_envs episodes, env by env
+        order = [(0, i, r) for r in range(max(map(len, episodes.values()))) for i in range(num_envs)]
+    else:
+        order = [(k, int(f[3:]), r) for k, f in enumerate(files) for r in range(len(episodes[int(f[3:])]))]
+    out_h5 = h5py.File(os.path.join(record_dir, "trajectories.h5"), "w")
+    meta, kept, cursor = None, [], {}
+    for k, name in enumerate(files):
+        with open(os.path.join(record_dir, name + ".json")) as f:
+            info = json.load(f)
+        meta = meta or {key: v for key, v in info.items() if key != "episodes"}
+        cursor[k] = (h5py.File(os.path.join(record_dir, name + ".h5"), "r"), info["episodes"])
+    positions = {k: 0 for k in cursor}
+    for k, env_i, r in order:
+        src, eps = cursor[k]
+        if positions[k] >= len(eps) or r >= len(episodes[env_i]):
+            continue
+        ep = eps[positions[k]]
+        positions[k] += 1
+        if not ep.get("success", False):
+            continue
+        new_id = len(kept)
+        src.copy(f"traj_{ep['episode_id']}", out_h5, name=f"traj_{new_id}")
+        base_actions, residual_actions = episodes[env_i][r]
+        out_h5[f"traj_{new_id}"].create_dataset("base_actions", data=base_actions.numpy())
+        out_h5[f"traj_{new_id}"].create_dataset("residual_actions", data=residual_actions.numpy())
+        kept.append(dict(ep, episode_id=new_id, instruction=INSTRUCTION))
+    out_h5.close()
+    for k, name in enumerate(files):
+        cursor[k][0].close()
+        os.remove(os.path.join(record_dir, name + ".h5")), os.remove(os.path.join(record_dir, name + ".json"))
+    with open(os.path.join(record_dir, "trajectories.json"), "w") as f:
+        json.dump(dict(meta or {}, instruction=INSTRUCTION, episodes=kept), f, indent=2)
+    return len(kept)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

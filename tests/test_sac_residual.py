@@ -1,0 +1,162 @@
+"""sac_residual.py end to end, as a subprocess with a tiny budget: train, evaluate, resume exactly, bad inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import common
+
+TINY = ["--num-envs", "1", "--num-eval-envs", "1", "--num-eval-episodes", "1", "--batch-size", "32",
+        "--hidden-dim", "32", "--learning-starts", "100", "--critic-warmup-updates", "5", "--log-freq", "50",
+        "--progressive-steps", "50", "--buffer-size", "10000"]
+
+
+def train(tmp_path, *extra):
+    os.environ["RUN_CWD"] = str(tmp_path)
+    try:
+        return run("sac_residual.py", *TINY, *extra)
+    finally:
+        del os.environ["RUN_CWD"]
+
+
+def checkpoint(tmp_path, exp_name):
+    (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith(exp_name + "__")]
+    return run_dir, common.load_checkpoint(str(run_dir / "ckpt.pt"), "sac_residual.py")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("sac")
+    out = train(tmp_path, "--base", "expert", "--total-timesteps", "300", "--eval-freq", "200", "--exp-name", "t")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp_path, out
+
+
+def test_training_writes_checkpoint_and_scalars(trained):
+    tmp_path, out = trained
+    run_dir, ckpt = checkpoint(tmp_path, "t")
+    assert ckpt["global_step"] == 300 and ckpt["base"] == "expert" and ckpt["args"]["total_timesteps"] == 300
+    assert ckpt["num_updates"] == int(0.5 * (300 - 100))  # utd 0.5 after the warm-up, plus the critic warm-up
+    assert ckpt["rb"]["ptr"] == 300 and ckpt["rb"]["data"]["obs"].shape == (300, common.STATE_DIM)
+    for key in ("actor", "qf1", "qf2", "qf1_target", "qf2_target", "q_optimizer", "actor_optimizer", "a_optimizer",
+                "log_alpha", "obs_rms", "rng", "eval_base"):
+        assert key in ckpt
+    assert ckpt["obs_rms"]["count"] > 99  # statistics of the 100 base-only warm-up steps
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for key in ("eval/success_at_end", "eval/success_once", "eval/return", "eval_base/success_at_end",
+                "train/success_once", "reward/grasp", "reward/insert", "losses/qf1_loss", "losses/actor_loss",
+                "losses/alpha", "residual/base_action_norm", "residual/residual_action_norm", "charts/SPS"):
+        assert key in tags, key
+    # The untrained residual is exactly the base: its first evaluation equals the base alone.
+    first = acc.Scalars("eval/success_at_end")[0]
+    assert first.step == 0 and first.value == acc.Scalars("eval_base/success_at_end")[0].value == 1.0
+    assert "step 300/300" in out.stdout
+
+
+def test_evaluate_checkpoint_prints_json(trained):
+    tmp_path, _ = trained
+    run_dir, _ = checkpoint(tmp_path, "t")
+    out = run("sac_residual.py", "--base", "expert", "--evaluate", "--checkpoint", run_dir / "ckpt.pt",
+              "--num-eval-envs", "1", "--num-eval-episodes", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["eval/episodes"] == 1 and 0 <= stats["eval/success_at_end"] <= 1
+
+
+def test_saved_trajectories_replay_with_maniskill(trained):
+    """The data flywheel: successful episodes in ManiSkill's format, replayed by ManiSkill's own tool."""
+    import h5py
+
+    tmp_path, _ = trained
+    run_dir, _ = checkpoint(tmp_path, "t")
+    traj = tmp_path / "flywheel"
+    out = run("sac_residual.py", "--base", "expert", "--evaluate", "--checkpoint", run_dir / "ckpt.pt",
+              "--num-eval-envs", "1", "--num-eval-episodes", "1", "--save-trajectories", traj)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["eval/saved_episodes"] == 1  # the expert succeeds
+    meta = json.loads((traj / "trajectories.json").read_text())
+    assert meta["instruction"] == common.INSTRUCTION and meta["episodes"][0]["success"]
+    with h5py.File(traj / "trajectories.h5") as f:
+        assert f["traj_0/base_actions"].shape == f["traj_0/actions"].shape == (100, 7)
+        assert f["traj_0/residual_actions"].shape == (100, 7) and "obs" in f["traj_0"]
+    replay = subprocess.run([sys.executable, "-m", "mani_skill.trajectory.replay_trajectory", "--traj-path",
+                             str(traj / "trajectories.h5"), "-b", "physx_cpu"], capture_output=True, text=True,
+                            timeout=600)
+    assert "Replayed 1 episodes, 1/1=100.00% demos saved" in replay.stdout + replay.stderr
+
+
+def test_resume_is_exact(tmp_path):
+    """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint."""
+    common_args = ["--base", "coarse", "--eval-freq", "150", "--seed", "3"]
+    full = train(tmp_path, *common_args, "--total-timesteps", "300", "--exp-name", "full")
+    half = train(tmp_path, *common_args, "--total-timesteps", "150", "--exp-name", "half")
+    assert full.returncode == 0 and half.returncode == 0, (full.stderr + half.stderr)[-3000:]
+    half_dir, _ = checkpoint(tmp_path, "half")
+    resumed = train(tmp_path, *common_args, "--total-timesteps", "300", "--checkpoint", half_dir / "ckpt.pt")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, a = checkpoint(tmp_path, "full")
+    _, b = checkpoint(tmp_path, "half")  # the resumed run continues in the same run folder
+    assert a["global_step"] == b["global_step"] == 300 and a["num_updates"] == b["num_updates"]
+    for net in ("actor", "qf1", "qf2", "qf1_target"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
+    assert torch.equal(a["rb"]["data"]["reward"], b["rb"]["data"]["reward"])
+    assert torch.equal(a["log_alpha"], b["log_alpha"])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sac_residual.py"), *TINY, "--base", "zero",
+                             "--total-timesteps", "100000", "--exp-name", "intr"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 50/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err and "saving" in err
+    _, ckpt = checkpoint(tmp_path, "intr")
+    assert ckpt["global_step"] >= 50
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = train(tmp_path, "--base", "zero", "--total-timesteps", "3000", "--eval-freq", "100", "--q-lr", "1e12",
+                "--exp-name", "nan")
+    assert out.returncode == 1 and "non-finite loss" in out.stderr and "Traceback" not in out.stderr
+    _, ckpt = checkpoint(tmp_path, "nan")
+    assert all(torch.isfinite(v).all() for v in ckpt["qf1"].values())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num-envs", "0"], "--num-envs must be >= 1"),
+        (["--residual-scale", "-1"], "--residual-scale must be > 0"),
+        (["--checkpoint", "/no/such/ckpt.pt"], "checkpoint not found"),
+        (["--evaluate"], "--evaluate needs --checkpoint"),
+        (["--base", "gr00t"], "unknown --base"),
+        (["--save-trajectories", "x"], "--save-trajectories needs --evaluate"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(args, message):
+    out = run("sac_residual.py", *args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoint_from_another_script_or_base(tmp_path, trained):
+    foreign = tmp_path / "ppo.pt"
+    common.save_checkpoint(str(foreign), dict(script="ppo_residual.py", base="coarse"))
+    out = run("sac_residual.py", "--checkpoint", foreign)
+    assert out.returncode == 2 and "written by ppo_residual.py, not sac_residual.py" in out.stderr
+    run_dir, _ = checkpoint(trained[0], "t")
+    out = run("sac_residual.py", "--base", "coarse", "--evaluate", "--checkpoint", run_dir / "ckpt.pt")
+    assert out.returncode == 2 and "trained on base 'expert', not 'coarse'" in out.stderr
