@@ -53,6 +53,9 @@ def exit_on_config_error(main: Callable[[], None]) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before a training loop took over Ctrl-C: nothing to save yet
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -251,6 +254,9 @@ def _make_maniskill(env_id, num_envs, sim_backend, control_mode, images, camera_
 
 
 def _cpu_worker(ignore_terminations, make_kwargs, rank):
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training script's to handle (it saves, then closes us)
     torch.set_num_threads(1)  # one core per simulator process: two envs use both cores of a 2-core machine
     return _CPUWorker(_make_maniskill(**make_kwargs, rank=rank), ignore_terminations)
 

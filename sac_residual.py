@@ -19,12 +19,12 @@ residual_active}, charts/{SPS,learning_rate}, time/{rollout,update,eval}.
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -276,7 +276,8 @@ if __name__ == "__main__":
 
         def deterministic_residual(obs, a_base):
             with torch.no_grad():
-                return actor(rl_obs(obs["state"].to(device), a_base.to(device)))[0].tanh().to(a_base.device)
+                a_res = actor(rl_obs(obs["state"].to(device), a_base.to(device)))[0].tanh()
+            return torch.where(torch.isfinite(a_res), a_res, 0.0).to(a_base.device)
 
         if ckpt:
             try:
@@ -358,7 +359,8 @@ if __name__ == "__main__":
         def policy_step(state, a_base):
             with torch.no_grad():
                 a_res, _, _ = actor.get_action(rl_obs(state, a_base))
-            return a_res
+            # A diverged actor must not send NaN to the simulator; the loss check below stops the run.
+            return torch.where(torch.isfinite(a_res), a_res, 0.0)
 
         if args.compile:
             update_critic, update_actor, policy_step = (torch.compile(f) for f in (update_critic, update_actor,
@@ -386,8 +388,9 @@ if __name__ == "__main__":
             return obs, base(obs).to(device)
 
         def save():
-            if not torch.isfinite(losses).all():
-                raise FloatingPointError(f"non-finite loss at step {global_step}")
+            params = [p for net in (actor, qf1, qf2) for p in net.parameters()]
+            if not torch.isfinite(losses).all() or not all(torch.isfinite(p).all() for p in params):
+                raise FloatingPointError(f"non-finite loss or weights at step {global_step}")
             if args.save_model:
                 common.save_checkpoint(ckpt_path, dict(
                     script="sac_residual.py", base=args.base, args=vars(args), run_name=run_name,
@@ -414,6 +417,11 @@ if __name__ == "__main__":
         t_rollout = t_update = t_env_total = 0.0
         next_eval = (global_step // args.eval_freq + 1) * args.eval_freq
         next_log = global_step + args.log_freq
+        # Ctrl-C asks the loop to stop at the end of the current step, where a checkpoint can resume exactly;
+        # a second Ctrl-C interrupts at once.
+        stop_requested = []
+        signal.signal(signal.SIGINT, lambda *_: (stop_requested.append(True),
+                                                 signal.signal(signal.SIGINT, signal.default_int_handler)))
         try:
             while global_step < args.total_timesteps:
                 t0 = time.perf_counter()
@@ -512,11 +520,11 @@ if __name__ == "__main__":
                     run_eval()
                     obs, a_base = restart_envs()
                     save()
-        except KeyboardInterrupt:
-            print(f"interrupted at step {global_step}: saving {ckpt_path}", file=sys.stderr)
-            restart_envs()
-            save()
-            sys.exit(130)
+                if stop_requested:
+                    print(f"interrupted at step {global_step}: saving {ckpt_path}", file=sys.stderr)
+                    restart_envs()
+                    save()
+                    sys.exit(130)
         except FloatingPointError as err:
             print(f"error: {err}; stopping, the last good checkpoint is {ckpt_path}", file=sys.stderr)
             sys.exit(1)

@@ -128,7 +128,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    out = train(tmp_path, "--base", "zero", "--total-timesteps", "3000", "--eval-freq", "100", "--q-lr", "1e12",
+    out = train(tmp_path, "--base", "zero", "--total-timesteps", "3000", "--eval-freq", "50", "--q-lr", "1e12",
                 "--exp-name", "nan")
     assert out.returncode == 1 and "non-finite loss" in out.stderr and "Traceback" not in out.stderr
     _, ckpt = checkpoint(tmp_path, "nan")
