@@ -73,8 +73,8 @@ STATE_DIM = 43
 class StagedRewardConfig:
     """Coefficients of R = l1*R_grasp + l2*R_orient + l3*R_insert + R_success (one-hot stages, paper section 2.3).
 
-    Scaled so that a step before success pays between about -0.45 and -0.05 and success pays 1: O(1) rewards suit
-    the usual RL hyper-parameters.
+    Scaled so that a step before success pays between about -1.2 and 0 and success pays 1: O(1) rewards suit the
+    usual RL hyper-parameters.
     """
 
     a1: float = 0.1
@@ -87,13 +87,13 @@ class StagedRewardConfig:
     """R_grasp: weight of |g_width - g_optimal| (per metre; g_optimal is the peg's width)"""
     g1: float = 0.03
     """R_orient: weight of the angle between the peg axis and the hole normal (per radian)"""
-    d1: float = 0.1
-    """R_insert: weight of |p_peg_head - p_hole| (per metre)"""
-    d2: float = 0.4
-    """R_insert: weight of the insertion depth d_inserted (per metre)"""
+    d1: float = 1.0
+    """R_insert: weight of |p_peg_head - p_hole| (per metre), p_hole being the hole's entrance on the box face"""
+    d2: float = 1.8
+    """R_insert: weight of the insertion depth d_inserted (per metre; > d1, so pushing in pays)"""
     r_success: float = 1.0
     """R_success, returned alone on the step the peg is inserted"""
-    stage_offsets: tuple[float, float, float] = (-0.35, -0.2, -0.1)
+    stage_offsets: tuple[float, float, float] = (-1.0, -0.8, -0.1)
     """constant added in each stage (our addition): the paper's one-hot sum drops when a stage is reached (grasping
     ends the +b1 bonus, orienting starts at -g1*angle); offsets make every stage pay more than the one before it and
     keep all pre-success rewards negative, so ending the episode early by success is always preferred. Set (0, 0, 0)
@@ -128,11 +128,14 @@ def staged_reward_terms(state, tail_contact, success, cfg) -> dict[str, torch.Te
     )
     orient_angle = torch.arccos((v_peg * v_hole).sum(-1).clamp(-1.0, 1.0))
     r_orient = -cfg.g1 * orient_angle
-    # Head in the hole frame; the box (and so the hole) spans x in [-half_len, half_len], entered from -x.
+    # Head in the hole frame; the box (and so the hole) spans x in [-half_len, half_len], entered from -x. p_hole is
+    # the entrance: seen from outside that is where the hole is, and a head jammed on the face then pays for its
+    # lateral error directly (to the hole's centre, 4 mm of lateral error would change the distance by 0.1 mm).
     head_in_hole = ((p_head - hole[:, :3]).unsqueeze(1) @ rot[:, 2]).squeeze(1)
     in_bore = (head_in_hole[:, 1:].abs() <= state[:, HOLE_RADIUS]).all(-1)
     d_inserted = (head_in_hole[:, 0] + half_len).clamp(min=0.0) * in_bore
-    r_insert = -cfg.d1 * (p_head - hole[:, :3]).norm(dim=-1) + cfg.d2 * d_inserted
+    p_entrance = hole[:, :3] - half_len[:, None] * v_hole
+    r_insert = -cfg.d1 * (p_head - p_entrance).norm(dim=-1) + cfg.d2 * d_inserted
 
     not_done = ~success
     l1 = not_done & ~tail_contact

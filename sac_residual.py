@@ -2,9 +2,11 @@
 
     a_t = clip(a_base + scale * a_res),  a_res ~ pi_RL(. | [s_t, a_base]),  a_base = M_phi(v_theta(s_t, c))  (eq. 1)
 
-What makes it work (Policy Decorator, RPL, ResiP, DAWN, RLPD): the residual is bounded (scale * tanh) and starts at
-exactly zero; the critic scores the executed action a_base + a_res; it is warmed up on base-only rollouts before the
-actor acts, then the residual is switched on progressively; LayerNorm critics; an update-to-data knob.
+Choices from the residual-RL literature (Policy Decorator, RPL, ResiP, DAWN, RLPD), each a flag: the residual is
+bounded (scale * tanh) and starts at exactly zero; the critic scores the executed action a_base + a_res; it is warmed
+up on base-only rollouts before the actor acts, then the residual is switched on progressively; an L2 pull of the
+residual towards zero; LayerNorm critics; an update-to-data knob. Resume is exact: checkpoints are taken where every
+env restarts from a seed derived from the step.
 
     python sac_residual.py                                   # CPU, 2 envs, the offline `coarse` base
     python sac_residual.py --num-envs 512 --utd 0.0625       # GPU
@@ -13,7 +15,7 @@ actor acts, then the residual is switched on progressively; LayerNorm critics; a
 Logged: train/{return,episode_len,success_once,success_at_end}, eval/{same}, eval_base/{same} (the base alone,
 measured once, repeated at every eval), reward/{grasp,orient,insert,success,stage}, losses/{qf1_value,qf2_value,
 qf1_loss,qf2_loss,qf_loss,actor_loss,alpha,alpha_loss}, residual/{base_action_norm,residual_action_norm,
-residual_active}, charts/{SPS,learning_rate}, time/{rollout,update,eval}.
+residual_active}, charts/{SPS,env_SPS,SPS_over_env_SPS,learning_rate}, time/{rollout,env,update,eval}.
 """
 
 import json
@@ -78,8 +80,9 @@ class Args:
     # base policy and residual
     base: str = "coarse"
     """the frozen base: pi0:<hub id or folder>, expert, coarse[:key=value,...] or zero"""
-    residual_scale: float = 0.2
-    """bound of the residual in action units: a = clip(a_base + scale * tanh(.)) (Policy Decorator's alpha)"""
+    residual_scale: float = 0.1
+    """bound of the residual in action units: a = clip(a_base + scale * tanh(.)) (Policy Decorator's alpha); 0.1 is
+    enough to hold the coarse base 14 mm off its hole estimate (its lateral pull is about error / 0.014 m)"""
     residual_sees_base: bool = True
     """whether the residual observes [s, a_base] (paper 2.1) rather than s alone (RPL's finding)"""
 
@@ -108,15 +111,18 @@ class Args:
     """actor (and alpha) updates every this many critic updates"""
     target_network_frequency: int = 1
     """target network updates every this many critic updates"""
-    alpha: float = 0.05
-    """entropy coefficient (initial value when autotuned)"""
-    autotune: bool = True
-    """whether to tune the entropy coefficient towards target_entropy"""
+    alpha: float = 0.001
+    """entropy coefficient (initial value when autotuned): per-step rewards are O(0.1), so an entropy bonus of
+    alpha * log_pi (about 10 nats here) must stay far below them"""
+    autotune: bool = False
+    """whether to tune alpha towards target_entropy; in our 40k-step probes autotuning drove alpha to ~0 and the
+    residual drifted to saturation, undoing the base (success 0.38 -> 0.00-0.26), while a fixed small alpha held"""
     target_entropy: float = -7.0
     """the entropy target (per action; -action_dim is the usual choice)"""
-    residual_l2: float = 0.0
-    """weight of an L2 penalty on the residual's mean in the actor loss: stay on the base unless the critic is sure"""
-    init_std: float = 0.3
+    residual_l2: float = 1.0
+    """weight of an L2 penalty on the residual's mean action in the actor loss: stay on the base unless the critic
+    is sure; without it the actor follows the critic's extrapolation away from the base's actions"""
+    init_std: float = 0.2
     """initial std of the residual's pre-tanh Gaussian: small exploration around the base"""
     layer_norm: bool = True
     """whether the critics use LayerNorm (RLPD, DAWN: stabler values at high update ratios)"""

@@ -68,13 +68,14 @@ def test_orient_stage_terms():
 @pytest.mark.parametrize("depth, lateral", [(0.03, 0.0), (0.03, 0.03), (0.0, 0.0)])
 def test_insert_stage_terms(depth, lateral):
     # Peg and hole both along world x; the hole centre sits (L - depth) ahead of the head and `lateral` to the side,
-    # so the head is `depth` past the box face (the box spans x in [-L, L] around the hole centre).
+    # so the head is `depth` past the box face (the box spans x in [-L, L] around the hole centre), and
+    # hypot(depth, lateral) from the hole's entrance, the p_hole of R_insert.
     head = np.array([L, 0.0, R])
     hole = head + np.array([L - depth, lateral, 0.0])
     out = terms([-0.05, 0, R, 1, 0, 0, 0], [0, 0, R, 1, 0, 0, 0], [L, R, R], [*hole, 1, 0, 0, 0], R + 0.003, 2 * R,
                 True, False)
     in_bore = lateral <= R + 0.003
-    expected = -CFG.d1 * math.hypot(L - depth, lateral) + CFG.d2 * depth * in_bore
+    expected = -CFG.d1 * math.hypot(depth, lateral) + CFG.d2 * depth * in_bore
     assert out["insert"] == pytest.approx(expected, abs=1e-6)
     assert out["stage"] == pytest.approx(CFG.stage_offsets[2])
 
@@ -89,9 +90,10 @@ def test_stages_are_monotone_with_default_offsets():
     """Each stage pays more than the best of the one before it (why stage_offsets exist), and all pay < 0."""
     c1, c2, c3 = CFG.stage_offsets
     best_grasp, worst_orient = c1 + CFG.b1, c2 - CFG.g1 * math.pi
-    worst_insert = c3 - CFG.d1 * 0.6  # head at most ~0.6 m from the hole on the table
+    worst_insert = c3 - CFG.d1 * 0.6  # a held, aligned peg's head is well within 0.6 m of the hole
     assert best_grasp < worst_orient < c2 < worst_insert
-    assert c3 + CFG.d2 * 0.125 < 0 < CFG.r_success
+    deepest = 0.125 - 0.015  # deeper than this is a success (head past the box's middle)
+    assert c3 + (CFG.d2 - CFG.d1) * deepest < 0 < CFG.r_success
 
 
 def test_reward_read_from_the_simulator(sim):
