@@ -13,9 +13,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     "$PY" -m pip install "torch>=2.4"
   else
-    # A CPU wheel already on this machine's disk (pip.conf find-links) first, else PyTorch's CPU index.
-    "$PY" -m pip install --no-index torch==2.13.0 2>/dev/null \
-      || "$PY" -m pip install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu
+    # PyTorch's CPU index (pip's own configured indexes and find-links still apply); if it cannot be reached, the
+    # release whose CPU build some offline machines keep on disk.
+    "$PY" -m pip install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu --timeout 15 --retries 1 \
+      || "$PY" -m pip install torch==2.13.0
   fi
 fi
 
@@ -29,7 +30,8 @@ probe() { "$PY" -c "import gymnasium as gym, mani_skill.envs; gym.make('PegInser
 if ! probe; then
   if grep -q 'VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
     echo "install.sh: installing Mesa's lavapipe Vulkan driver from bookworm-backports"
-    echo "deb http://deb.debian.org/debian bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/backports-mesa.list >/dev/null
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main" \
+      | $SUDO tee /etc/apt/sources.list.d/backports-mesa.list >/dev/null
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq -t bookworm-backports mesa-vulkan-drivers libvulkan1 >/dev/null
   fi

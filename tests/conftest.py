@@ -31,11 +31,41 @@ def sim():
     env.close()
 
 
-def run(script, *args, timeout=600):
+def run(script, *args, timeout=600, cwd=ROOT):
     """Run a repository script as a subprocess; returns the CompletedProcess (stdout+stderr text)."""
     import subprocess
 
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True,
-        timeout=timeout, cwd=os.environ.get("RUN_CWD", ROOT),
+        timeout=timeout, cwd=cwd,
     )
+
+
+def load_run(tmp_path, exp_name, script):
+    """(run folder, checkpoint) of the run `exp_name` that `script` wrote under tmp_path/runs."""
+    (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith(exp_name + "__")]
+    return run_dir, common.load_checkpoint(str(run_dir / "ckpt.pt"), script)
+
+
+def scalars(run_dir):
+    """Tensorboard scalars of a run: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def interrupt_after(script, cwd, marker, *args):
+    """Start `script`, send Ctrl-C once a stdout line starts with `marker`; returns (returncode, stderr)."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith(marker):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err

@@ -1,15 +1,12 @@
 """sac_residual.py end to end, as a subprocess with a tiny budget: train, evaluate, resume exactly, bad inputs."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, run
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import interrupt_after, load_run, run, scalars
 
 import common
 
@@ -19,16 +16,11 @@ TINY = ["--num-envs", "1", "--num-eval-envs", "1", "--num-eval-episodes", "1", "
 
 
 def train(tmp_path, *extra):
-    os.environ["RUN_CWD"] = str(tmp_path)
-    try:
-        return run("sac_residual.py", *TINY, *extra)
-    finally:
-        del os.environ["RUN_CWD"]
+    return run("sac_residual.py", *TINY, *extra, cwd=tmp_path)
 
 
 def checkpoint(tmp_path, exp_name):
-    (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith(exp_name + "__")]
-    return run_dir, common.load_checkpoint(str(run_dir / "ckpt.pt"), "sac_residual.py")
+    return load_run(tmp_path, exp_name, "sac_residual.py")
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +41,13 @@ def test_training_writes_checkpoint_and_scalars(trained):
                 "log_alpha", "obs_rms", "rng", "eval_base"):
         assert key in ckpt
     assert ckpt["obs_rms"]["count"] > 99  # statistics of the 100 base-only warm-up steps
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
+    tags = scalars(run_dir)
     for key in ("eval/success_at_end", "eval/success_once", "eval/return", "eval_base/success_at_end",
                 "train/success_once", "reward/grasp", "reward/insert", "losses/qf1_loss", "losses/actor_loss",
                 "losses/alpha", "residual/base_action_norm", "residual/residual_action_norm", "charts/SPS"):
         assert key in tags, key
     # The untrained residual is exactly the base: its first evaluation equals the base alone.
-    first = acc.Scalars("eval/success_at_end")[0]
-    assert first.step == 0 and first.value == acc.Scalars("eval_base/success_at_end")[0].value == 1.0
+    assert tags["eval/success_at_end"][0] == tags["eval_base/success_at_end"][0] == (0, 1.0)
     assert "step 300/300" in out.stdout
 
 
@@ -114,15 +103,9 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sac_residual.py"), *TINY, "--base", "zero",
-                             "--total-timesteps", "100000", "--exp-name", "intr"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 50/"):
-            break
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and "Traceback" not in err and "saving" in err
+    code, err = interrupt_after("sac_residual.py", tmp_path, "step 50/", *TINY, "--base", "zero",
+                                "--total-timesteps", "100000", "--exp-name", "intr")
+    assert code == 130 and "Traceback" not in err and "saving" in err
     _, ckpt = checkpoint(tmp_path, "intr")
     assert ckpt["global_step"] >= 50
 
@@ -133,30 +116,3 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert out.returncode == 1 and "non-finite loss" in out.stderr and "Traceback" not in out.stderr
     _, ckpt = checkpoint(tmp_path, "nan")
     assert all(torch.isfinite(v).all() for v in ckpt["qf1"].values())
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--num-envs", "0"], "--num-envs must be >= 1"),
-        (["--residual-scale", "-1"], "--residual-scale must be > 0"),
-        (["--checkpoint", "/no/such/ckpt.pt"], "checkpoint not found"),
-        (["--evaluate"], "--evaluate needs --checkpoint"),
-        (["--base", "gr00t"], "unknown --base"),
-        (["--save-trajectories", "x"], "--save-trajectories needs --evaluate"),
-    ],
-)
-def test_bad_inputs_are_one_line_errors(args, message):
-    out = run("sac_residual.py", *args)
-    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
-
-
-def test_checkpoint_from_another_script_or_base(tmp_path, trained):
-    foreign = tmp_path / "ppo.pt"
-    common.save_checkpoint(str(foreign), dict(script="ppo_residual.py", base="coarse"))
-    out = run("sac_residual.py", "--checkpoint", foreign)
-    assert out.returncode == 2 and "written by ppo_residual.py, not sac_residual.py" in out.stderr
-    run_dir, _ = checkpoint(trained[0], "t")
-    out = run("sac_residual.py", "--base", "coarse", "--evaluate", "--checkpoint", run_dir / "ckpt.pt")
-    assert out.returncode == 2 and "trained on base 'expert', not 'coarse'" in out.stderr

@@ -1,0 +1,149 @@
+"""ppo_residual.py: GAE against a reference from the definition, and end to end as a subprocess with a tiny budget."""
+
+import json
+
+import pytest
+import torch
+from conftest import interrupt_after, load_run, run, scalars
+
+import common
+from ppo_residual import compute_gae
+
+TINY = ["--num-envs", "1", "--num-eval-envs", "1", "--num-eval-episodes", "1", "--num-steps", "50",
+        "--num-minibatches", "2", "--update-epochs", "2", "--hidden-dim", "32"]
+
+
+def train(tmp_path, *extra):
+    return run("ppo_residual.py", *TINY, *extra, cwd=tmp_path)
+
+
+def checkpoint(tmp_path, exp_name):
+    return load_run(tmp_path, exp_name, "ppo_residual.py")
+
+
+def gae_reference(rewards, values, next_values, terminated, dones, gamma, lam):
+    """A_t = sum_l (gamma * lam)^l delta_{t+l} over the rest of t's episode inside the rollout (the definition)."""
+    T, B = rewards.shape
+    adv = torch.zeros(T, B, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            total, weight = 0.0, 1.0
+            for k in range(t, T):
+                bootstrap = 0.0 if terminated[k, b] else gamma * next_values[k, b].item()
+                total += weight * (rewards[k, b].item() + bootstrap - values[k, b].item())
+                if dones[k, b]:
+                    break
+                weight *= gamma * lam
+            adv[t, b] = total
+    return adv
+
+
+@pytest.mark.parametrize("gamma, lam", [(0.97, 0.9), (0.99, 1.0), (0.5, 0.0)])
+def test_gae_matches_the_definition(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    T, B = 12, 4
+    rewards, values, next_values = (torch.randn(T, B, generator=g, dtype=torch.float64) for _ in range(3))
+    dones = torch.rand(T, B, generator=g) < 0.25
+    terminated = dones & (torch.rand(T, B, generator=g) < 0.5)  # some episodes end in success, some time out
+    adv, ret = compute_gae(rewards, values, next_values, terminated.double(), dones.double(), gamma, lam)
+    ref = gae_reference(rewards, values, next_values, terminated, dones, gamma, lam)
+    torch.testing.assert_close(adv, ref)
+    torch.testing.assert_close(ret, ref + values)
+
+
+def test_gae_bootstraps_truncation_but_not_termination():
+    ones = torch.ones(1, 2, dtype=torch.float64)
+    adv, _ = compute_gae(rewards=ones, values=0 * ones, next_values=10 * ones, terminated=torch.tensor([[1.0, 0.0]]),
+                         dones=ones, gamma=0.5, gae_lambda=0.9)
+    assert adv.tolist() == [[1.0, 6.0]]  # success: r only; time limit: r + gamma * V(final observation)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ppo")
+    out = train(tmp_path, "--base", "expert", "--total-timesteps", "150", "--eval-freq", "100", "--exp-name", "t")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp_path, out
+
+
+def test_training_writes_checkpoint_and_scalars(trained):
+    tmp_path, out = trained
+    run_dir, ckpt = checkpoint(tmp_path, "t")
+    assert ckpt["global_step"] == 150 and ckpt["iteration"] == 3 and ckpt["base"] == "expert"
+    for key in ("agent", "optimizer", "obs_rms", "return_rms", "rng", "eval_base", "args"):
+        assert key in ckpt
+    assert ckpt["obs_rms"]["count"] > 149 and ckpt["return_rms"]["count"] > 149  # one update per step
+    # the residual's mean head starts at zero and has moved; the std is learned by default
+    assert ckpt["agent"]["actor_mean.4.weight"].abs().sum() > 0
+    tags = scalars(run_dir)
+    for key in ("eval/success_at_end", "eval/success_once", "eval/return", "eval_base/success_at_end",
+                "train/return", "reward/grasp", "reward/insert", "losses/value_loss", "losses/policy_loss",
+                "losses/approx_kl", "losses/explained_variance", "residual/base_action_norm",
+                "residual/residual_action_norm", "charts/SPS", "charts/SPS_over_env_SPS"):
+        assert key in tags, key
+    # The untrained residual is exactly the base: its first evaluation equals the base alone (the expert succeeds).
+    assert tags["eval/success_at_end"][0] == tags["eval_base/success_at_end"][0] == (0, 1.0)
+    assert [s for s, _ in tags["eval/success_at_end"]] == [0, 100, 150]
+    assert "step 150/150" in out.stdout
+
+
+def test_evaluate_checkpoint_prints_json(trained):
+    run_dir, _ = checkpoint(trained[0], "t")
+    out = run("ppo_residual.py", "--base", "expert", "--evaluate", "--checkpoint", run_dir / "ckpt.pt",
+              "--num-eval-envs", "1", "--num-eval-episodes", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["eval/episodes"] == 1 and 0 <= stats["eval/success_at_end"] <= 1
+
+
+def test_resume_is_exact(tmp_path):
+    """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint."""
+    common_args = ["--base", "coarse", "--eval-freq", "100", "--seed", "3"]
+    full = train(tmp_path, *common_args, "--total-timesteps", "200", "--exp-name", "full")
+    half = train(tmp_path, *common_args, "--total-timesteps", "100", "--exp-name", "half")
+    assert full.returncode == 0 and half.returncode == 0, (full.stderr + half.stderr)[-3000:]
+    half_dir, _ = checkpoint(tmp_path, "half")
+    resumed = train(tmp_path, *common_args, "--total-timesteps", "200", "--checkpoint", half_dir / "ckpt.pt")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, a = checkpoint(tmp_path, "full")
+    _, b = checkpoint(tmp_path, "half")  # the resumed run continues in the same run folder
+    assert a["global_step"] == b["global_step"] == 200 and a["iteration"] == b["iteration"] == 4
+    for k in a["agent"]:
+        assert torch.equal(a["agent"][k], b["agent"][k]), f"agent.{k} differs after resume"
+    for stats in ("obs_rms", "return_rms"):
+        for k in a[stats]:
+            assert torch.equal(a[stats][k], b[stats][k]), f"{stats}.{k} differs after resume"
+
+
+def test_fixed_std_stays_fixed(tmp_path):
+    out = train(tmp_path, "--base", "zero", "--total-timesteps", "100", "--eval-freq", "100", "--fixed-std",
+                "--init-std", "0.1", "--exp-name", "fixed")
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, ckpt = checkpoint(tmp_path, "fixed")
+    torch.testing.assert_close(ckpt["agent"]["actor_logstd"].exp(), torch.full((1, 7), 0.1))
+
+
+def test_pi0_base_with_action_chunks(tmp_path, tiny_pi0):
+    """The residual acts every step on top of the cached chunk of a (tiny) VLA."""
+    out = train(tmp_path, "--base", f"pi0:{tiny_pi0}", "--total-timesteps", "50", "--eval-freq", "50",
+                "--exp-name", "pi0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir, ckpt = checkpoint(tmp_path, "pi0")
+    assert ckpt["base"] == f"pi0:{tiny_pi0}" and ckpt["global_step"] == 50
+    assert scalars(run_dir)["residual/base_action_norm"][0][1] > 0  # the VLA's actions reached the residual
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    code, err = interrupt_after("ppo_residual.py", tmp_path, "step 50/", *TINY, "--base", "zero",
+                                "--total-timesteps", "100000", "--exp-name", "intr")
+    assert code == 130 and "Traceback" not in err and "saving" in err
+    _, ckpt = checkpoint(tmp_path, "intr")
+    assert ckpt["global_step"] >= 50
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = train(tmp_path, "--base", "zero", "--total-timesteps", "1000", "--eval-freq", "50",
+                "--learning-rate", "1e30", "--max-grad-norm", "1e30", "--exp-name", "nan")
+    assert out.returncode == 1 and "non-finite loss" in out.stderr and "Traceback" not in out.stderr
+    _, ckpt = checkpoint(tmp_path, "nan")
+    assert all(torch.isfinite(v).all() for v in ckpt["agent"].values())
