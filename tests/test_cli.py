@@ -5,8 +5,8 @@ from conftest import run
 
 import common
 
-SCRIPTS = ["sac_residual.py", "ppo_residual.py"]
-OTHER = {"sac_residual.py": "ppo_residual.py", "ppo_residual.py": "sac_residual.py"}
+SCRIPTS = ["sac_residual.py", "ppo_residual.py", "mbrl_residual.py"]
+OTHER = {"sac_residual.py": "ppo_residual.py", "ppo_residual.py": "sac_residual.py", "mbrl_residual.py": "sac_residual.py"}
 
 
 def assert_one_line_error(out, message):

@@ -1,0 +1,751 @@
+"""Model-based residual RL (MBPO): an ensemble of probabilistic dynamics models in the residual's own observation space
+feeds short imagined rollouts to residual SAC, so each real env step teaches more.
+
+    a_t = clip(a_base + scale * a_res),  a_res ~ pi_RL(. | [s_t, a_base]),  a_base = M_phi(v_theta(s_t, c))  (eq. 1)
+    p_theta([s', a_base'], r, done | [s, a_base], a_t)  for theta in an ensemble of E models  (Janner et al. 2019)
+
+The model predicts the next base action as part of the next observation, so imagined rollouts never query the base (a
+VLA cannot see imagined states), plus the reward and the termination. Rollouts branch from real states, take one random
+member per step (TS1), and stop where the ensemble disagrees (contact at 3 mm clearance is where learned models break).
+SAC learns on a mix of real and imagined transitions; everything else (bounded zero-initialised residual, critic
+warm-up, progressive exploration, exact resume) is sac_residual.py's.
+
+    python mbrl_residual.py                                   # CPU, 2 envs, the offline `coarse` base
+    python mbrl_residual.py --evaluate --checkpoint runs/<run>/ckpt.pt
+
+Logged: as sac_residual.py (train/*, eval/*, eval_base/*, reward/*, losses/*, residual/*, charts/*, time/*) plus
+model/{train_loss,val_loss,val_state_mse,val_reward_mae,val_term_acc,disagreement,rollout_kept,rollout_len,
+model_buffer} and time/model.
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "mbrl_residual"
+    """the name of this experiment (runs/<exp_name>__<seed>__<time>)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """whether to set torch.backends.cudnn.deterministic"""
+    cuda: bool = True
+    """whether to use CUDA when available"""
+    capture_video: bool = False
+    """whether to save eval videos under runs/<run>/videos"""
+    save_model: bool = True
+    """whether to save a checkpoint at every evaluation and at the end"""
+    evaluate: bool = False
+    """whether to only evaluate --checkpoint and exit"""
+    checkpoint: Optional[str] = None
+    """checkpoint to resume from (or to evaluate with --evaluate)"""
+    save_trajectories: Optional[str] = None
+    """with --evaluate: folder for the successful episodes in ManiSkill's trajectory format (the data flywheel)"""
+
+    # environment
+    env_id: str = common.ENV_ID
+    """the ManiSkill task"""
+    num_envs: int = 2
+    """parallel training envs (CPU: one process each; GPU: e.g. 512)"""
+    num_eval_envs: int = 2
+    """parallel eval envs"""
+    num_eval_episodes: int = 50
+    """episodes per evaluation (ManiSkill's protocol: full length, reconfigured)"""
+    eval_freq: int = 25_000
+    """evaluate (and checkpoint) every this many env steps"""
+    control_mode: str = "pd_ee_delta_pose"
+    """the controller; the scripted bases need pd_ee_delta_pose"""
+    sim_backend: str = "auto"
+    """auto (GPU if CUDA is there), physx_cuda or physx_cpu"""
+    reward: str = "staged"
+    """staged (paper section 2.3), normalized_dense (ManiSkill's) or sparse"""
+    total_timesteps: int = 100_000
+    """total env steps (half of sac_residual.py's: saving samples is the point)"""
+
+    # base policy and residual
+    base: str = "coarse"
+    """the frozen base: pi0:<hub id or folder>, expert, coarse[:key=value,...] or zero"""
+    residual_scale: float = 0.1
+    """bound of the residual in action units: a = clip(a_base + scale * tanh(.)) (Policy Decorator's alpha)"""
+    residual_sees_base: bool = True
+    """whether the residual observes [s, a_base] (paper 2.1) rather than s alone (RPL's finding)"""
+
+    # algorithm: SAC (as sac_residual.py)
+    gamma: float = 0.95
+    """the discount factor (100-step episodes, and success ends the episode)"""
+    tau: float = 0.01
+    """target smoothing coefficient"""
+    batch_size: int = 256
+    """the batch size of each SAC update"""
+    buffer_size: int = 1_000_000
+    """the real replay memory size (capped at total_timesteps)"""
+    learning_starts: int = 5_000
+    """env steps of base-only rollouts before any update: the critic's and the model's first data"""
+    critic_warmup_updates: int = 2_000
+    """critic-only updates on that data before the actor starts learning"""
+    progressive_steps: int = 20_000
+    """after the warm-up the residual acts in each env-step with probability min(t / this, 1) (Policy Decorator)"""
+    utd: float = 1.0
+    """SAC updates per env step: twice sac_residual.py's, as imagined data makes more updates useful (MBPO uses 20)"""
+    policy_lr: float = 3e-4
+    """the learning rate of the actor"""
+    q_lr: float = 3e-4
+    """the learning rate of the critics"""
+    policy_frequency: int = 1
+    """actor (and alpha) updates every this many critic updates"""
+    target_network_frequency: int = 1
+    """target network updates every this many critic updates"""
+    alpha: float = 0.001
+    """entropy coefficient (initial value when autotuned): per-step rewards are O(0.1), see sac_residual.py"""
+    autotune: bool = False
+    """whether to tune alpha towards target_entropy (off, as in sac_residual.py)"""
+    target_entropy: float = -7.0
+    """the entropy target (per action; -action_dim is the usual choice)"""
+    residual_l2: float = 1.0
+    """weight of an L2 penalty on the residual's mean action in the actor loss (stay on the base unless sure)"""
+    init_std: float = 0.2
+    """initial std of the residual's pre-tanh Gaussian"""
+    layer_norm: bool = True
+    """whether the critics use LayerNorm"""
+    hidden_dim: int = 256
+    """width of the actor and critic MLPs"""
+
+    # algorithm: model
+    ensemble_size: int = 5
+    """models in the ensemble (MBPO: 7, keeping the best 5; we keep all)"""
+    model_hidden_dim: int = 200
+    """width of each model's MLP"""
+    model_lr: float = 1e-3
+    """the learning rate of the models"""
+    model_train_freq: int = 1_000
+    """retrain the models and refill the imagined buffer every this many env steps"""
+    model_updates: int = 200
+    """gradient steps per model training round (each member on its own bootstrap batch)"""
+    model_batch_size: int = 256
+    """the batch size per member"""
+    holdout: int = 1_000
+    """the most recent real transitions held out from training to measure the model (val loss, per-step error)"""
+    rollout_batch_size: int = 2_000
+    """imagined rollouts branched from real states per round"""
+    rollout_horizon: int = 3
+    """imagined steps per rollout: short, because errors compound and contact is hard to predict"""
+    max_disagreement: float = 0.1
+    """cut a rollout where the members' std of the predicted next state (in units of the state's own std, averaged
+    over dims) exceeds this: the models disagree, so none of them is to be trusted"""
+    model_retain_rounds: int = 5
+    """imagined transitions are kept for this many rounds (the imagined buffer's size)"""
+    real_ratio: float = 0.5
+    """fraction of each SAC batch drawn from real transitions (MBPO: 0.05; a residual on a good base has little to
+    gain from a model's guess about states far from the base's behaviour, so we keep more real data)"""
+
+    # speed
+    compile: bool = False
+    """whether to torch.compile the update and policy functions"""
+
+    # runtime
+    log_freq: int = 2_000
+    """log every this many env steps"""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Networks
+# ------------------------------------------------------------------------------------------------------------------
+def mlp(in_dim, out_dim, hidden, layer_norm):
+    norm = (lambda: nn.LayerNorm(hidden)) if layer_norm else nn.Identity
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), norm(), nn.ReLU(), nn.Linear(hidden, hidden), norm(), nn.ReLU(),
+        nn.Linear(hidden, out_dim),
+    )
+
+
+class SoftQNetwork(nn.Module):
+    def __init__(self, obs_dim, act_dim, hidden, layer_norm):
+        super().__init__()
+        self.net = mlp(obs_dim + act_dim, 1, hidden, layer_norm)
+
+    def forward(self, x, a):
+        return self.net(torch.cat([x, a], -1))
+
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
+EPISODE_KEYS = ("return", "episode_len", "success_once", "success_at_end")
+ARCH_ARGS = ("env_id", "control_mode", "residual_scale", "residual_sees_base", "hidden_dim", "layer_norm")
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian residual. The mean head starts at exactly zero, so the untrained residual is the base itself."""
+
+    def __init__(self, obs_dim, act_dim, hidden, init_std):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.mean = nn.Linear(hidden, act_dim)
+        self.log_std = nn.Linear(hidden, act_dim)
+        nn.init.zeros_(self.mean.weight), nn.init.zeros_(self.mean.bias)
+        nn.init.zeros_(self.log_std.weight), nn.init.constant_(self.log_std.bias, math.log(init_std))
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return self.mean(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def get_action(self, x):
+        mean, log_std = self(x)
+        std = log_std.exp()
+        x_t = mean + std * torch.randn_like(mean)  # reparameterisation
+        y_t = torch.tanh(x_t)
+        log_prob = (-0.5 * ((x_t - mean) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - torch.log(1 - y_t.pow(2) + 1e-6).sum(-1)
+        return y_t, log_prob, torch.tanh(mean)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Replay buffer on the training device
+# ------------------------------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """Raw states (normalised at sample time, so stored data never goes stale), base actions and executed actions."""
+
+    FIELDS = ("obs", "a_base", "action", "reward", "next_obs", "next_a_base", "terminated")
+
+    def __init__(self, size, state_dim, act_dim, device):
+        dims = dict(obs=state_dim, a_base=act_dim, action=act_dim, reward=1, next_obs=state_dim,
+                    next_a_base=act_dim, terminated=1)
+        self.data = {k: torch.zeros(size, dims[k], device=device) for k in self.FIELDS}
+        self.size, self.ptr, self.full = size, 0, False
+
+    def add(self, **batch):
+        n = batch["obs"].shape[0]
+        idx = (self.ptr + torch.arange(n, device=self.data["obs"].device)) % self.size
+        for k in self.FIELDS:
+            self.data[k][idx] = batch[k].reshape(n, -1).float()
+        self.full = self.full or self.ptr + n >= self.size
+        self.ptr = (self.ptr + n) % self.size
+
+    def sample(self, batch_size, generator=None):
+        high = self.size if self.full else self.ptr
+        idx = torch.randint(0, high, (batch_size,), device=self.data["obs"].device)
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def state_dict(self):
+        """The stored transitions, oldest first."""
+        order = torch.arange(self.ptr, self.ptr + self.size) % self.size if self.full else torch.arange(self.ptr)
+        return dict(ptr=self.ptr, full=self.full, data={k: v[order.to(v.device)].cpu() for k, v in self.data.items()})
+
+    def load_state_dict(self, state):
+        self.ptr, self.full = 0, False
+        self.add(**{k: v[-self.size :].to(self.data[k].device) for k, v in state["data"].items()})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Dynamics ensemble in the residual's observation space
+# ------------------------------------------------------------------------------------------------------------------
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied in one batched matmul: (E, N, in) -> (E, N, out)."""
+
+    def __init__(self, ensemble_size, in_dim, out_dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.zeros(ensemble_size, 1, out_dim))
+        nn.init.trunc_normal_(self.weight, std=1 / (2 * math.sqrt(in_dim)))  # MBPO's initialisation
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class DynamicsEnsemble(nn.Module):
+    """E probabilistic MLPs: x = [s, a_base, a] -> Gaussian over y = [s' - s, a_base', r], plus a termination logit.
+
+    Inputs and targets are standardised with statistics of the data the models were last fitted on (kept as buffers,
+    so they are saved and resumed with the weights). The log-variance is softly bounded (PETS, Chua et al. 2018).
+    """
+
+    def __init__(self, ensemble_size, in_dim, out_dim, hidden):
+        super().__init__()
+        self.ensemble_size, self.out_dim = ensemble_size, out_dim
+        dims = [in_dim, hidden, hidden, hidden]
+        layers = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [EnsembleLinear(ensemble_size, a, b), nn.SiLU()]
+        self.net = nn.Sequential(*layers, EnsembleLinear(ensemble_size, hidden, 2 * out_dim + 1))
+        self.max_logvar = nn.Parameter(torch.full((out_dim,), 0.5))
+        self.min_logvar = nn.Parameter(torch.full((out_dim,), -10.0))
+        for name, dim in (("x_mean", in_dim), ("y_mean", out_dim)):
+            self.register_buffer(name, torch.zeros(dim))
+        for name, dim in (("x_std", in_dim), ("y_std", out_dim)):
+            self.register_buffer(name, torch.ones(dim))
+
+    def fit_scalers(self, x, y):
+        # floors: a dim that was constant in the data (a peg size within few episodes) must not blow up new inputs
+        self.x_mean.copy_(x.mean(0)), self.x_std.copy_(x.std(0).clamp_min(1e-2))
+        self.y_mean.copy_(y.mean(0)), self.y_std.copy_(y.std(0).clamp_min(1e-6))
+
+    def forward(self, x):
+        """Standardised prediction: x (N, in) or (E, N, in) -> mean, logvar (E, N, out), termination logit (E, N)."""
+        x = (x - self.x_mean) / self.x_std
+        if x.dim() == 2:
+            x = x.expand(self.ensemble_size, *x.shape)
+        h = self.net(x)
+        mean, logvar, logit = h[..., : self.out_dim], h[..., self.out_dim : -1], h[..., -1]
+        logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)
+        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
+        return mean, logvar, logit
+
+    def loss(self, x, y, terminated):
+        """Gaussian NLL of the standardised targets + termination BCE, summed over members; and the mean squared
+        error of the means (standardised units) for logging."""
+        mean, logvar, logit = self(x)
+        y = (y - self.y_mean) / self.y_std
+        nll = (((mean - y) ** 2) * torch.exp(-logvar) + logvar).mean((1, 2)).sum()
+        bce = F.binary_cross_entropy_with_logits(logit, terminated.expand_as(logit), reduction="none").mean(1).sum()
+        bound = 0.01 * (self.max_logvar.sum() - self.min_logvar.sum())
+        return nll + bce + bound, ((mean - y) ** 2).mean()
+
+    def predict(self, x):
+        """Raw-unit predictions of every member: mean, std (E, N, out), termination probability (E, N)."""
+        mean, logvar, logit = self(x)
+        return mean * self.y_std + self.y_mean, (0.5 * logvar).exp() * self.y_std, logit.sigmoid()
+
+
+def model_targets(b):
+    """(x, y, terminated) for the model from replay data: x = [s, a_base, a], y = [s' - s, a_base', r]."""
+    x = torch.cat([b["obs"], b["a_base"], b["action"]], -1)
+    y = torch.cat([b["next_obs"] - b["obs"], b["next_a_base"], b["reward"]], -1)
+    return x, y, b["terminated"][:, 0]
+
+
+@torch.no_grad()
+def imagine(model, policy, state, a_base, horizon, max_disagreement, scale):
+    """Branched rollouts of `policy(state, a_base) -> a_res` in the model, from real (state, a_base) of shape (N, .).
+
+    Each step draws the next [s', a_base', r] from one random member per rollout (TS1) and a termination from that
+    member's probability. A step is kept only while its rollout is alive and the members agree (their std of the
+    next-state mean in units of the state's own std, averaged over dims, <= max_disagreement); a rollout ends at a predicted termination
+    or at the first step the members disagree. Returns the kept transitions (ReplayBuffer fields) and statistics.
+    """
+    n, state_dim = state.shape
+    alive = torch.ones(n, dtype=torch.bool, device=state.device)
+    rows = torch.arange(n, device=state.device)
+    kept, disagreements = [], []
+    for _ in range(horizon):
+        a_res = policy(state, a_base)
+        action = common.compose_action(a_base, a_res, scale)
+        mean, std, term_p = model.predict(torch.cat([state, a_base, action], -1))
+        k = torch.randint(0, mean.shape[0], (n,), device=state.device)
+        y = mean[k, rows] + std[k, rows] * torch.randn_like(mean[0])
+        disagreement = (mean[..., :state_dim] / model.x_std[:state_dim]).std(0).mean(-1)
+        terminated = torch.rand(n, device=state.device) < term_p[k, rows]
+        next_state, next_a_base, reward = state + y[:, :state_dim], y[:, state_dim:-1].clamp(-1, 1), y[:, -1:]
+        keep = alive & (disagreement <= max_disagreement)
+        kept.append(dict(obs=state[keep], a_base=a_base[keep], action=action[keep], reward=reward[keep],
+                         next_obs=next_state[keep], next_a_base=next_a_base[keep],
+                         terminated=terminated[keep, None].float()))
+        disagreements.append(disagreement[alive])
+        alive = keep & ~terminated
+        state, a_base = next_state, next_a_base
+    out = {key: torch.cat([step[key] for step in kept]) for key in kept[0]}
+    stats = dict(disagreement=torch.cat(disagreements).mean(), rollout_kept=out["obs"].shape[0] / (n * horizon),
+                 rollout_len=out["obs"].shape[0] / n)
+    return out, stats
+
+
+if __name__ == "__main__":
+
+    def main():
+        args = tyro.cli(Args)
+        # ---- validate and derive ----
+        for name in ("num_envs", "num_eval_envs", "num_eval_episodes", "eval_freq", "batch_size", "log_freq",
+                     "ensemble_size", "model_train_freq", "model_batch_size", "rollout_batch_size", "rollout_horizon",
+                     "model_retain_rounds"):
+            if getattr(args, name) < 1:
+                raise common.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.residual_scale <= 0:
+            raise common.ConfigError(f"--residual-scale must be > 0, got {args.residual_scale}")
+        if args.total_timesteps < 0 or args.utd < 0 or args.learning_starts < 0 or args.model_updates < 0:
+            raise common.ConfigError("--total-timesteps, --utd, --learning-starts and --model-updates must be >= 0")
+        if not 0 < args.real_ratio <= 1:
+            raise common.ConfigError(f"--real-ratio must be in (0, 1], got {args.real_ratio}")
+        if args.save_trajectories and not args.evaluate:
+            raise common.ConfigError("--save-trajectories needs --evaluate --checkpoint C")
+        if args.evaluate and not args.checkpoint:
+            raise common.ConfigError("--evaluate needs --checkpoint C")
+        images = common.base_needs_images(args.base)
+        ckpt = common.load_checkpoint(args.checkpoint, "mbrl_residual.py", args.base) if args.checkpoint else None
+        if ckpt:  # the policy is defined by these: take them from the checkpoint, whatever the command line says
+            for name in ARCH_ARGS:
+                setattr(args, name, ckpt["args"][name])
+        run_name = ckpt["run_name"] if ckpt and not args.evaluate else f"{args.exp_name}__{args.seed}__{int(time.time())}"
+
+        # ---- seed, device, envs ----
+        common.seed_everything(args.seed, args.torch_deterministic)
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        eval_envs = common.make_env(args.num_eval_envs, args.sim_backend, env_id=args.env_id,
+                                    control_mode=args.control_mode, reward=args.reward, images=images,
+                                    eval_mode=True, seed=args.seed + 10_000, record_dir=args.save_trajectories,
+                                    video_dir=f"runs/{run_name}/videos" if args.capture_video else None)
+        envs = None
+        if not args.evaluate:
+            envs = common.make_env(args.num_envs, args.sim_backend, env_id=args.env_id,
+                                   control_mode=args.control_mode, reward=args.reward, images=images, seed=args.seed)
+        act_dim, state_dim = eval_envs.action_dim, eval_envs.state_dim
+        obs_dim = state_dim + (act_dim if args.residual_sees_base else 0)
+        eval_base = common.make_base_policy(args.base, eval_envs, seed=args.seed)
+
+        # ---- networks ----
+        actor = Actor(obs_dim, act_dim, args.hidden_dim, args.init_std).to(device)
+        qf1, qf2 = (SoftQNetwork(obs_dim, act_dim, args.hidden_dim, args.layer_norm).to(device) for _ in range(2))
+        qf1_target, qf2_target = (SoftQNetwork(obs_dim, act_dim, args.hidden_dim, args.layer_norm).to(device)
+                                  for _ in range(2))
+        qf1_target.load_state_dict(qf1.state_dict()), qf2_target.load_state_dict(qf2.state_dict())
+        q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
+        actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+        log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=True)
+        a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
+        obs_rms = common.RunningMeanStd(state_dim, device=device)
+        model = DynamicsEnsemble(args.ensemble_size, state_dim + 2 * act_dim, state_dim + act_dim + 1,
+                                 args.model_hidden_dim).to(device)
+        model_optimizer = torch.optim.Adam(model.parameters(), lr=args.model_lr)
+
+        def rl_obs(state, a_base):
+            """s_RL = [normalised s, a_base] (a_base is already in [-1, 1])."""
+            s = obs_rms.normalize(state)
+            return torch.cat([s, a_base], -1) if args.residual_sees_base else s
+
+        def deterministic_residual(obs, a_base):
+            with torch.no_grad():
+                a_res = actor(rl_obs(obs["state"].to(device), a_base.to(device)))[0].tanh()
+            return torch.where(torch.isfinite(a_res), a_res, 0.0).to(a_base.device)
+
+        if ckpt:
+            try:
+                actor.load_state_dict(ckpt["actor"])
+                obs_rms.load_state_dict(ckpt["obs_rms"])
+            except (RuntimeError, KeyError) as err:
+                raise common.ConfigError(f"{args.checkpoint} does not fit this script's networks: "
+                                         f"{str(err).splitlines()[0]}") from None
+
+        if args.evaluate:
+            trace = [] if args.save_trajectories else None
+            stats = common.evaluate(eval_envs, eval_base, args.num_eval_episodes, deterministic_residual,
+                                    args.residual_scale, seed=args.seed + 10_000, trace=trace)
+            eval_envs.close()  # flushes the recordings
+            if args.save_trajectories:
+                stats["saved_episodes"] = common.keep_successful_trajectories(
+                    args.save_trajectories, trace, args.num_eval_envs, args.residual_scale)
+            print(json.dumps({f"eval/{k}": v for k, v in stats.items()}))
+            return
+
+        base = common.make_base_policy(args.base, envs, seed=args.seed)
+        logger = common.Logger(run_name, args)
+        ckpt_path = os.path.join(logger.dir, "ckpt.pt")
+        rb = ReplayBuffer(min(args.buffer_size, max(args.total_timesteps, 1)), state_dim, act_dim, device)
+        model_rb = ReplayBuffer(args.rollout_batch_size * args.rollout_horizon * args.model_retain_rounds, state_dim,
+                                act_dim, device)
+        global_step, num_updates, update_debt, next_model_train = 0, 0, 0.0, args.learning_starts
+        eval_base_stats = None
+        if ckpt:
+            qf1.load_state_dict(ckpt["qf1"]), qf2.load_state_dict(ckpt["qf2"])
+            qf1_target.load_state_dict(ckpt["qf1_target"]), qf2_target.load_state_dict(ckpt["qf2_target"])
+            q_optimizer.load_state_dict(ckpt["q_optimizer"]), actor_optimizer.load_state_dict(ckpt["actor_optimizer"])
+            a_optimizer.load_state_dict(ckpt["a_optimizer"])
+            with torch.no_grad():
+                log_alpha.copy_(ckpt["log_alpha"])
+            rb.load_state_dict(ckpt["rb"])
+            model.load_state_dict(ckpt["model"]), model_optimizer.load_state_dict(ckpt["model_optimizer"])
+            model_rb.load_state_dict(ckpt["model_rb"])
+            next_model_train = ckpt["next_model_train"]
+            global_step, num_updates, eval_base_stats = ckpt["global_step"], ckpt["num_updates"], ckpt["eval_base"]
+            update_debt = ckpt["update_debt"]
+            common.set_rng_state(ckpt["rng"])
+            print(f"resumed {args.checkpoint} at step {global_step}")
+
+        # ---- pure update functions (LeanRL style, so --compile can wrap them) ----
+        def update_critic(b, alpha):
+            with torch.no_grad():
+                next_x = rl_obs(b["next_obs"], b["next_a_base"])
+                next_res, next_log_pi, _ = actor.get_action(next_x)
+                next_action = common.compose_action(b["next_a_base"], next_res, args.residual_scale)
+                min_q_next = torch.min(qf1_target(next_x, next_action), qf2_target(next_x, next_action))
+                # Bootstrap unless the episode truly ended (success); time-limit truncations do bootstrap.
+                target = b["reward"] + (1 - b["terminated"]) * args.gamma * (min_q_next - alpha * next_log_pi[:, None])
+            x = rl_obs(b["obs"], b["a_base"])
+            q1, q2 = qf1(x, b["action"]), qf2(x, b["action"])  # the critic scores the executed action
+            qf1_loss, qf2_loss = F.mse_loss(q1, target), F.mse_loss(q2, target)
+            q_optimizer.zero_grad()
+            (qf1_loss + qf2_loss).backward()
+            q_optimizer.step()
+            return torch.stack([q1.mean(), q2.mean(), qf1_loss, qf2_loss])
+
+        def update_actor(b, alpha):
+            x = rl_obs(b["obs"], b["a_base"])
+            a_res, log_pi, a_mean = actor.get_action(x)
+            action = common.compose_action(b["a_base"], a_res, args.residual_scale)
+            actor_loss = (alpha * log_pi - torch.min(qf1(x, action), qf2(x, action))[:, 0]).mean()
+            actor_loss = actor_loss + args.residual_l2 * a_mean.pow(2).sum(-1).mean()
+            actor_optimizer.zero_grad()
+            actor_loss.backward()
+            actor_optimizer.step()
+            alpha_loss = -(log_alpha.exp() * (log_pi.detach() + args.target_entropy)).mean()
+            if args.autotune:
+                a_optimizer.zero_grad()
+                alpha_loss.backward()
+                a_optimizer.step()
+            return torch.stack([actor_loss, alpha_loss])
+
+        def soft_update():
+            with torch.no_grad():
+                for net, target in ((qf1, qf1_target), (qf2, qf2_target)):
+                    for p, tp in zip(net.parameters(), target.parameters()):
+                        tp.lerp_(p, args.tau)
+
+        def policy_step(state, a_base):
+            with torch.no_grad():
+                a_res, _, _ = actor.get_action(rl_obs(state, a_base))
+            # A diverged actor must not send NaN to the simulator; the loss check below stops the run.
+            return torch.where(torch.isfinite(a_res), a_res, 0.0)
+
+        def train_model():
+            """Fit the ensemble on the real buffer minus its most recent transitions, which measure it instead."""
+            high = rb.size if rb.full else rb.ptr
+            start = rb.ptr if rb.full else 0  # the oldest transition
+            n_val = min(args.holdout, high // 5)
+            n_train = high - n_val
+            val = {k: v[(start + n_train + torch.arange(n_val, device=device)) % rb.size] for k, v in rb.data.items()}
+            train_idx = (start + torch.arange(n_train, device=device)) % rb.size
+            model.fit_scalers(*model_targets({k: v[train_idx] for k, v in rb.data.items()})[:2])
+            train_loss = torch.zeros((), device=device)
+            for _ in range(args.model_updates):
+                # each member trains on its own bootstrap batch: the ensemble's spread then reflects what the data
+                # does not pin down
+                idx = train_idx[torch.randint(0, n_train, (args.ensemble_size, args.model_batch_size), device=device)]
+                x, y, term = model_targets({k: v[idx.reshape(-1)] for k, v in rb.data.items()})
+                loss, _ = model.loss(x.view(args.ensemble_size, args.model_batch_size, -1),
+                                     y.view(args.ensemble_size, args.model_batch_size, -1),
+                                     term.view(args.ensemble_size, args.model_batch_size))
+                model_optimizer.zero_grad()
+                loss.backward()
+                model_optimizer.step()
+                train_loss += loss.detach() / max(args.model_updates, 1)
+            with torch.no_grad():
+                x, y, term = model_targets(val)
+                val_loss, _ = model.loss(x, y, term)
+                mean, _, term_p = model.predict(x)
+                mean = mean.mean(0)
+                # per-step prediction error on held-out real transitions: next state (standardised), reward, done
+                state_mse = (((mean - y)[:, :state_dim] / model.y_std[:state_dim]) ** 2).mean()
+                reward_mae = (mean - y)[:, -1].abs().mean()
+                term_acc = ((term_p.mean(0) > 0.5).float() == term).float().mean()
+            return dict(train_loss=train_loss, val_loss=val_loss, val_state_mse=state_mse, val_reward_mae=reward_mae,
+                        val_term_acc=term_acc)
+
+        def model_round():
+            """Retrain the ensemble, then refill the imagined buffer with rollouts branched from real states."""
+            t0 = time.perf_counter()
+            stats = train_model()
+            starts = rb.sample(args.rollout_batch_size)
+            imagined, rollout_stats = imagine(model, policy_step, starts["obs"], starts["a_base"],
+                                              args.rollout_horizon, args.max_disagreement, args.residual_scale)
+            if imagined["obs"].shape[0]:
+                model_rb.add(**imagined)
+            stats.update(rollout_stats, model_buffer=model_rb.size if model_rb.full else model_rb.ptr)
+            logger.log({f"model/{k}": float(v) for k, v in stats.items()}, global_step)
+            logger.log({"time/model": time.perf_counter() - t0}, global_step)
+
+        def sample_batch():
+            """A SAC batch: real_ratio of it real, the rest imagined (all real until the model has produced data)."""
+            n_model = 0 if model_rb.ptr == 0 and not model_rb.full else round(args.batch_size * (1 - args.real_ratio))
+            real = rb.sample(args.batch_size - n_model)
+            if n_model == 0:
+                return real
+            imagined = model_rb.sample(n_model)
+            return {k: torch.cat([real[k], imagined[k]]) for k in real}
+
+        if args.compile:
+            update_critic, update_actor, policy_step = (torch.compile(f) for f in (update_critic, update_actor,
+                                                                                  policy_step))
+
+        def run_eval():
+            nonlocal eval_base_stats
+            t0 = time.perf_counter()
+            if eval_base_stats is None:  # the base alone, once: the line the residual must beat
+                eval_base_stats = common.evaluate(eval_envs, eval_base, args.num_eval_episodes,
+                                                  seed=args.seed + 10_000)
+            stats = common.evaluate(eval_envs, eval_base, args.num_eval_episodes, deterministic_residual,
+                                    args.residual_scale, seed=args.seed + 10_000)
+            logger.log({f"eval/{k}": v for k, v in stats.items() if k != "episodes"}, global_step)
+            logger.log({f"eval_base/{k}": v for k, v in eval_base_stats.items() if k != "episodes"}, global_step)
+            logger.log({"time/eval": time.perf_counter() - t0}, global_step)
+            print(f"step {global_step}: eval success_at_end {stats['success_at_end']:.2f} (base alone "
+                  f"{eval_base_stats['success_at_end']:.2f}), success_once {stats['success_once']:.2f}, "
+                  f"return {stats['return']:.2f} over {stats['episodes']} episodes")
+
+        def restart_envs():
+            """Reset every train env with a seed derived from the step: a checkpoint taken here resumes exactly."""
+            obs = envs.reset(seed=args.seed + global_step, reconfigure=True)
+            base.reset(torch.ones(args.num_envs, dtype=torch.bool, device=envs.device), seed=args.seed + global_step)
+            return obs, base(obs).to(device)
+
+        def save():
+            params = [p for net in (actor, qf1, qf2, model) for p in net.parameters()]
+            if not torch.isfinite(losses).all() or not all(torch.isfinite(p).all() for p in params):
+                raise FloatingPointError(f"non-finite loss or weights at step {global_step}")
+            if args.save_model:
+                common.save_checkpoint(ckpt_path, dict(
+                    script="mbrl_residual.py", base=args.base, args=vars(args), run_name=run_name,
+                    actor=actor.state_dict(), qf1=qf1.state_dict(), qf2=qf2.state_dict(),
+                    qf1_target=qf1_target.state_dict(), qf2_target=qf2_target.state_dict(),
+                    q_optimizer=q_optimizer.state_dict(), actor_optimizer=actor_optimizer.state_dict(),
+                    a_optimizer=a_optimizer.state_dict(), log_alpha=log_alpha.detach().cpu(),
+                    obs_rms=obs_rms.state_dict(), rb=rb.state_dict(), model=model.state_dict(),
+                    model_optimizer=model_optimizer.state_dict(), model_rb=model_rb.state_dict(),
+                    next_model_train=next_model_train, global_step=global_step,
+                    num_updates=num_updates, update_debt=update_debt, eval_base=eval_base_stats,
+                    rng=common.rng_state(),
+                ))
+
+        # ---- training loop ----
+        obs, a_base = restart_envs()
+        if ckpt is None:
+            run_eval()
+        env_device = envs.device
+        ep_sums = torch.zeros(5, device=device)  # finished episodes: count, return, len, success_once, success_at_end
+        term_sums = torch.zeros(len(common.REWARD_TERMS), device=device)
+        norm_sums = torch.zeros(3, device=device)  # |a_base|, |scale * a_res|, fraction of steps with the residual on
+        losses = torch.zeros(6, device=device)
+        loss_count = 0
+        t_start, steps_at_start = time.perf_counter(), global_step
+        t_rollout = t_update = t_env_total = 0.0
+        next_eval = (global_step // args.eval_freq + 1) * args.eval_freq
+        next_log = global_step + args.log_freq
+        # Ctrl-C asks the loop to stop at the end of the current step, where a checkpoint can resume exactly;
+        # a second Ctrl-C interrupts at once.
+        stop_requested = []
+        signal.signal(signal.SIGINT, lambda *_: (stop_requested.append(True),
+                                                 signal.signal(signal.SIGINT, signal.default_int_handler)))
+        try:
+            while global_step < args.total_timesteps:
+                t0 = time.perf_counter()
+                state = obs["state"].to(device)
+                obs_rms.update(state)  # buffer states are normalised at sample time, so stored data never goes stale
+                if global_step < args.learning_starts:
+                    a_res = torch.zeros_like(a_base)  # base-only rollouts: the critic's warm-up data
+                else:
+                    a_res = policy_step(state, a_base)
+                    if args.progressive_steps > 0:  # Policy Decorator's progressive exploration schedule
+                        p = min((global_step - args.learning_starts) / args.progressive_steps, 1.0)
+                        a_res = a_res * (torch.rand(args.num_envs, 1, device=device) < p)
+                action = common.compose_action(a_base, a_res, args.residual_scale)
+                t_env = time.perf_counter()
+                next_obs, reward, terminated, truncated, info = envs.step(action.to(env_device))
+                t_env_total += time.perf_counter() - t_env
+                done = terminated | truncated
+                base.reset(done)
+                next_a_base = base(next_obs).to(device)  # also the base action of the next iteration
+                done = done.to(device)
+                # Bootstrap input [s', a_base']: at an episode end the base is not queried on the terminal state (a
+                # chunked VLA would spend a query on a state it never acts from): a_base stands in for a_base'.
+                rb.add(obs=state, a_base=a_base, action=action, reward=reward.to(device),
+                       next_obs=info["final_obs"]["state"].to(device),
+                       next_a_base=torch.where(done[:, None], a_base, next_a_base), terminated=terminated.to(device))
+                obs, a_base = next_obs, next_a_base
+                global_step += args.num_envs
+                t_rollout += time.perf_counter() - t0
+
+                # bookkeeping stays on the device: no .item() in the loop
+                d, ep = done.float(), info["episode"]
+                ep_sums += torch.stack([d.sum()] + [(ep[k].to(device).float() * d).sum() for k in EPISODE_KEYS])
+                if args.reward == "staged":
+                    term_sums += torch.stack([info[f"reward/{k}"].to(device).sum() for k in common.REWARD_TERMS])
+                norm_sums += torch.stack([a_base.norm(dim=-1).sum(), (args.residual_scale * a_res).norm(dim=-1).sum(),
+                                          (a_res != 0).any(-1).float().sum()])
+
+                # ---- updates ----
+                t0 = time.perf_counter()
+                if global_step >= args.learning_starts:
+                    if global_step >= next_model_train:
+                        next_model_train += args.model_train_freq
+                        model_round()
+                    if num_updates == 0:  # critic warm-up before the actor acts or learns
+                        for _ in range(args.critic_warmup_updates):
+                            update_critic(rb.sample(args.batch_size), log_alpha.exp().detach())
+                            soft_update()
+                    update_debt += args.utd * args.num_envs
+                    while update_debt >= 1:
+                        update_debt -= 1
+                        alpha = log_alpha.exp().detach()
+                        q_stats = update_critic(sample_batch(), alpha)
+                        a_stats = torch.zeros(2, device=device)
+                        if num_updates % args.policy_frequency == 0:
+                            a_stats = update_actor(sample_batch(), alpha)
+                        if num_updates % args.target_network_frequency == 0:
+                            soft_update()
+                        num_updates += 1
+                        losses += torch.cat([q_stats, a_stats])
+                        loss_count += 1
+                t_update += time.perf_counter() - t0
+
+                # ---- logging ----
+                if global_step >= next_log:
+                    next_log += args.log_freq
+                    n, *ep_means = ep_sums.tolist()
+                    logs = {f"train/{k}": v / n for k, v in zip(EPISODE_KEYS, ep_means)} if n > 0 else {}
+                    steps = args.log_freq
+                    if args.reward == "staged":
+                        logs.update({f"reward/{k}": v / steps for k, v in zip(common.REWARD_TERMS, term_sums.tolist())})
+                    nb, nr, on = (norm_sums / steps).tolist()
+                    logs.update({"residual/base_action_norm": nb, "residual/residual_action_norm": nr,
+                                 "residual/residual_active": on})
+                    if loss_count:
+                        l = (losses / loss_count).tolist()
+                        if not all(math.isfinite(v) for v in l):
+                            raise FloatingPointError(f"non-finite loss at step {global_step}")
+                        logs.update({"losses/qf1_value": l[0], "losses/qf2_value": l[1], "losses/qf1_loss": l[2],
+                                     "losses/qf2_loss": l[3], "losses/qf_loss": (l[2] + l[3]) / 2,
+                                     "losses/actor_loss": l[4], "losses/alpha_loss": l[5]})
+                    sps = (global_step - steps_at_start) / (time.perf_counter() - t_start)
+                    alpha = log_alpha.exp().item()
+                    # Throughput as a ratio within this run: training steps/s over the env's own steps/s.
+                    env_sps = (global_step - steps_at_start) / t_env_total
+                    logs.update({"losses/alpha": alpha, "charts/SPS": sps, "charts/env_SPS": env_sps,
+                                 "charts/SPS_over_env_SPS": sps / env_sps, "charts/learning_rate": args.q_lr,
+                                 "time/rollout": t_rollout, "time/update": t_update, "time/env": t_env_total})
+                    logger.log(logs, global_step)
+                    print(f"step {global_step}/{args.total_timesteps} | SPS {sps:.0f} ({sps / env_sps:.2f} of env) | "
+                          f"train success_once "
+                          f"{logs.get('train/success_once', float('nan')):.2f} return "
+                          f"{logs.get('train/return', float('nan')):.2f} | |a_res| {nr:.3f} | alpha {alpha:.3f}",
+                          flush=True)
+                    ep_sums.zero_(), term_sums.zero_(), norm_sums.zero_(), losses.zero_()
+                    loss_count = 0
+
+                if global_step >= next_eval or global_step >= args.total_timesteps:
+                    next_eval += args.eval_freq
+                    run_eval()
+                    obs, a_base = restart_envs()
+                    save()
+                if stop_requested:
+                    print(f"interrupted at step {global_step}: saving {ckpt_path}", file=sys.stderr)
+                    restart_envs()
+                    save()
+                    sys.exit(130)
+        except FloatingPointError as err:
+            print(f"error: {err}; stopping, the last good checkpoint is {ckpt_path}", file=sys.stderr)
+            sys.exit(1)
+        finally:
+            envs.close()
+            eval_envs.close()
+            logger.close()
+
+    common.exit_on_config_error(main)

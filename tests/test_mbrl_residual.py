@@ -1,0 +1,106 @@
+"""mbrl_residual.py: the ensemble fits known dynamics, imagined rollouts stop where they must, and end to end as a
+subprocess with a tiny budget (train, evaluate, resume exactly)."""
+
+import json
+
+import torch
+from conftest import load_run, run, scalars
+
+from mbrl_residual import DynamicsEnsemble, imagine
+
+TINY = ["--num-envs", "1", "--num-eval-envs", "1", "--num-eval-episodes", "1", "--batch-size", "32",
+        "--hidden-dim", "32", "--learning-starts", "100", "--critic-warmup-updates", "5", "--log-freq", "50",
+        "--progressive-steps", "50", "--buffer-size", "10000", "--model-train-freq", "50", "--model-updates", "10",
+        "--model-hidden-dim", "16", "--rollout-batch-size", "20"]
+
+
+def train(tmp_path, *extra):
+    return run("mbrl_residual.py", *TINY, *extra, cwd=tmp_path)
+
+
+def checkpoint(tmp_path, exp_name):
+    return load_run(tmp_path, exp_name, "mbrl_residual.py")
+
+
+def test_ensemble_fits_known_dynamics():
+    """s' = s + 0.1 * a, a_base' = tanh(s[:2]), r = -|s|^2, done = s_0 > 1.5: held-out error far below the data's
+    variance, and the termination classified."""
+    torch.manual_seed(0)
+    n, e = 4096, 3
+    s, a_base, a = torch.randn(n, 4), torch.rand(n, 2) * 2 - 1, torch.rand(n, 2) * 2 - 1
+    x = torch.cat([s, a_base, a], -1)
+    y = torch.cat([0.1 * torch.cat([a, a], -1), torch.tanh(s[:, :2]), -(s**2).sum(-1, keepdim=True)], -1)
+    done = (s[:, 0] > 1.5).float()
+    model = DynamicsEnsemble(e, 8, 7, 64)
+    model.fit_scalers(x[:3584], y[:3584])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(600):
+        idx = torch.randint(0, 3584, (e, 256))
+        loss, _ = model.loss(x[idx], y[idx], done[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        mean, std, term_p = model.predict(x[3584:])
+    err = (((mean - y[3584:]) / model.y_std) ** 2).mean(dim=(0, 1))  # standardised: predicting the mean scores 1
+    assert (err[:6] < 0.01).all() and err[6] < 0.25, err  # the quadratic reward is the hardest target
+    assert ((term_p.mean(0) > 0.5).float() == done[3584:]).float().mean() > 0.97
+    assert std.shape == mean.shape == (e, 512, 7) and (std > 0).all()
+
+
+class FakeModel:
+    """Two members over a 2-dim state: rollouts 0, 2, 4 terminate at once, rollout 1's members disagree."""
+
+    x_std = torch.ones(2)
+    y_std = torch.ones(4)  # [s' - s (2), a_base' (1), r]
+
+    def predict(self, x):
+        n = x.shape[0]
+        mean = torch.zeros(2, n, 4)
+        mean[:, :, :2] = 0.01  # the state moves a little
+        mean[1, 1, :2] = 1.0  # member 1 disagrees about rollout 1
+        mean[:, :, 3] = -0.5  # the reward
+        term_p = torch.zeros(2, n)
+        term_p[:, 0::2] = 1.0
+        return mean, torch.zeros(2, n, 4), term_p
+
+
+def test_imagined_rollouts_stop_at_termination_and_disagreement():
+    state, a_base = torch.zeros(6, 2), torch.zeros(6, 1)
+    out, stats = imagine(FakeModel(), lambda s, b: torch.zeros_like(b), state, a_base, horizon=3,
+                         max_disagreement=0.1, scale=0.1)
+    # 3 terminating rollouts give 1 transition each, the untrusted one none, the 2 others the full horizon
+    assert out["obs"].shape == (9, 2) and out["next_obs"].shape == (9, 2) and out["action"].shape == (9, 1)
+    assert out["reward"].shape == out["terminated"].shape == (9, 1)
+    assert out["terminated"].sum() == 3 and (out["reward"] == -0.5).all()
+    assert abs(stats["rollout_len"] - 9 / 6) < 1e-6 and abs(stats["rollout_kept"] - 9 / 18) < 1e-6
+    # a continuing rollout's next state is the next step's state
+    torch.testing.assert_close(out["next_obs"][out["terminated"][:, 0] == 0][:2], torch.full((2, 2), 0.01))
+
+
+def test_train_evaluate_and_resume_exactly(tmp_path):
+    common_args = ["--base", "coarse", "--eval-freq", "150", "--seed", "3"]
+    full = train(tmp_path, *common_args, "--total-timesteps", "300", "--exp-name", "full")
+    half = train(tmp_path, *common_args, "--total-timesteps", "150", "--exp-name", "half")
+    assert full.returncode == 0 and half.returncode == 0, (full.stderr + half.stderr)[-3000:]
+    run_dir, ckpt = checkpoint(tmp_path, "full")
+    for key in ("model", "model_optimizer", "model_rb", "rb", "actor", "qf1", "obs_rms", "rng", "next_model_train"):
+        assert key in ckpt
+    assert ckpt["model_rb"]["ptr"] > 0  # imagined transitions were made
+    tags = scalars(run_dir)
+    for key in ("model/train_loss", "model/val_loss", "model/val_state_mse", "model/disagreement",
+                "model/rollout_kept", "eval/success_at_end", "eval_base/success_at_end", "losses/qf1_loss"):
+        assert key in tags, key
+    out = run("mbrl_residual.py", "--base", "coarse", "--evaluate", "--checkpoint", run_dir / "ckpt.pt",
+              "--num-eval-envs", "1", "--num-eval-episodes", "1")
+    assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1])["eval/episodes"] == 1
+
+    half_dir, _ = checkpoint(tmp_path, "half")
+    resumed = train(tmp_path, *common_args, "--total-timesteps", "300", "--checkpoint", half_dir / "ckpt.pt")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, b = checkpoint(tmp_path, "half")
+    assert ckpt["global_step"] == b["global_step"] == 300 and ckpt["num_updates"] == b["num_updates"]
+    for net in ("actor", "qf1", "model"):
+        for k in ckpt[net]:
+            assert torch.equal(ckpt[net][k], b[net][k]), f"{net}.{k} differs after resume"
+    assert torch.equal(ckpt["model_rb"]["data"]["next_obs"], b["model_rb"]["data"]["next_obs"])
