@@ -14,11 +14,9 @@ import copy
 import dataclasses
 import functools
 import json
-import math
 import os
 import random
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -790,7 +788,26 @@ def parse_base_spec(spec: str) -> tuple[str, str]:
         raise ConfigError(f"unknown --base {spec!r}: choose pi0:<hub id or folder>, expert, coarse or zero")
     if name == "pi0" and not arg:
         raise ConfigError("--base pi0 needs a checkpoint: pi0:<hub id or local folder>")
+    if name in ("expert", "coarse"):
+        _scripted_base_options(name, arg)  # bad options fail here, before any simulator starts
     return name, arg
+
+
+def _scripted_base_options(name: str, arg: str) -> dict:
+    """`key=value,...` of --base expert|coarse -> the keyword arguments of its Config."""
+    kwargs = {}
+    for item in filter(None, arg.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key] = float(value)
+        except ValueError:
+            raise ConfigError(f"bad --base option {item!r}: expected key=number") from None
+    cls = ExpertBase if name == "expert" else CoarseBase
+    unknown = set(kwargs) - {f.name for f in dataclasses.fields(cls.Config)}
+    if unknown:
+        raise ConfigError(f"unknown --base {name} option(s) {sorted(unknown)}; known: "
+                          f"{sorted(f.name for f in dataclasses.fields(cls.Config))}")
+    return kwargs
 
 
 def base_needs_images(spec: str) -> bool:
@@ -812,19 +829,8 @@ def make_base_policy(spec: str, envs: VecEnv, seed: int = 0) -> BasePolicy:
             f"--base {name} outputs 7-dim pd_ee_delta_pose actions; the env's control mode {envs.control_mode} "
             f"takes {envs.action_dim}-dim actions"
         )
-    kwargs = {}
-    for item in filter(None, arg.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            kwargs[key] = float(value)
-        except ValueError:
-            raise ConfigError(f"bad --base option {item!r}: expected key=number") from None
     cls = ExpertBase if name == "expert" else CoarseBase
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = set(kwargs) - fields
-    if unknown:
-        raise ConfigError(f"unknown --base {name} option(s) {sorted(unknown)}; known: {sorted(fields)}")
-    return cls(envs.num_envs, envs.device, seed=seed, **kwargs)
+    return cls(envs.num_envs, envs.device, seed=seed, **_scripted_base_options(name, arg))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

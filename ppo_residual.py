@@ -403,11 +403,10 @@ if __name__ == "__main__":
                     rewards[step], terminateds[step], dones[step] = reward, terminated, done.float()
                     # At an episode end the bootstrap value is V(final observation); the base is not queried there
                     # (a chunked VLA would spend a query on a state it never acts from): a_base stands in for a_base'.
-                    final_values[step] = 0.0
-                    if done.any():
-                        with torch.no_grad():
-                            final_x = rl_obs(info["final_obs"]["state"].to(device), a_base)
-                            final_values[step] = torch.where(done, agent.get_value(final_x), 0.0)
+                    # (Computed for every env and masked: cheaper than a device sync on done.any().)
+                    with torch.no_grad():
+                        final_x = rl_obs(info["final_obs"]["state"].to(device), a_base)
+                        final_values[step] = torch.where(done, agent.get_value(final_x), 0.0)
                     # bookkeeping stays on the device: no .item() in the loop
                     d, ep = done.float(), info["episode"]
                     ep_sums += torch.stack([d.sum()] + [(ep[k].to(device).float() * d).sum() for k in EPISODE_KEYS])

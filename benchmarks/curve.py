@@ -50,6 +50,10 @@ class Args:
     """where the runs' tensorboard logs and checkpoints go"""
     device: str = "CPU, 2 cores"
     """the machine, in words, recorded with each run (name the GPU)"""
+    collect_only: bool = False
+    """whether to only read the newest finished run of each (variant, seed) from workdir, without running anything"""
+    run_prefix: str = ""
+    """with --collect-only: the run-name prefix to read instead of curve_<script>_ (runs from an older harness)"""
 
 
 def read_scalars(run_dir, tag):
@@ -79,20 +83,21 @@ def main(args: Args, extra: list[str]):
     for variant in args.variants:
         for seed in args.seeds:
             base = args.base if variant == "residual" else "zero"
-            name = f"curve_{os.path.splitext(args.script)[0]}_{variant}_{base}_s{seed}"
+            name = f"{args.run_prefix or 'curve_' + os.path.splitext(args.script)[0] + '_'}{variant}_{base}_s{seed}"
             cmd = [sys.executable, os.path.join(ROOT, args.script), "--exp-name", name, "--seed", str(seed),
                    "--base", base, "--total-timesteps", str(args.total_timesteps), "--eval-freq", str(args.eval_freq),
                    "--num-eval-episodes", str(args.num_eval_episodes), "--num-envs", str(args.num_envs), *extra]
-            print("running:", " ".join(cmd[1:]), flush=True)
             start = time.time()
-            subprocess.run(cmd, cwd=args.workdir, check=True)
+            if not args.collect_only:
+                print("running:", " ".join(cmd[1:]), flush=True)
+                subprocess.run(cmd, cwd=args.workdir, check=True)
             run_dir = sorted(glob.glob(os.path.join(args.workdir, "runs", name + "__*")))[-1]
             sps = read_scalars(run_dir, "charts/SPS")
             ratio = read_scalars(run_dir, "charts/SPS_over_env_SPS")
             results = merge(out + ".json", dict(
                 script=args.script, variant=variant, seed=seed, base=base, command=" ".join(cmd[1:]),
                 device=args.device, num_envs=args.num_envs, num_eval_episodes=args.num_eval_episodes,
-                wall_s=time.time() - start,
+                wall_s=None if args.collect_only else time.time() - start,
                 eval_success_at_end=read_scalars(run_dir, "eval/success_at_end"),
                 eval_success_once=read_scalars(run_dir, "eval/success_once"),
                 base_alone_success_at_end=read_scalars(run_dir, "eval_base/success_at_end")[:1],

@@ -69,3 +69,32 @@ def interrupt_after(script, cwd, marker, *args):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     return proc.returncode, err
+
+
+class Script:
+    """A training script run as a subprocess with a tiny budget (`tiny` flags first), in a test's folder."""
+
+    def __init__(self, name, tiny):
+        self.name, self.tiny = name, list(tiny)
+
+    def train(self, tmp_path, *extra):
+        return run(self.name, *self.tiny, *extra, cwd=tmp_path)
+
+    def checkpoint(self, tmp_path, exp_name):
+        return load_run(tmp_path, exp_name, self.name)
+
+    def resume_pair(self, tmp_path, args, total, half):
+        """Checkpoints of `total` steps in one run and of `half` steps resumed to `total` (same seed and args)."""
+        full = self.train(tmp_path, *args, "--total-timesteps", total, "--exp-name", "full")
+        first = self.train(tmp_path, *args, "--total-timesteps", half, "--exp-name", "half")
+        assert full.returncode == 0 and first.returncode == 0, (full.stderr + first.stderr)[-3000:]
+        half_dir, _ = self.checkpoint(tmp_path, "half")
+        resumed = self.train(tmp_path, *args, "--total-timesteps", total, "--checkpoint", half_dir / "ckpt.pt")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        # the resumed run continues in the half run's folder
+        return self.checkpoint(tmp_path, "full"), self.checkpoint(tmp_path, "half")
+
+
+def assert_same_tensors(a, b, what):
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}.{k} differs after resume"

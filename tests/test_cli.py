@@ -1,4 +1,8 @@
-"""Bad input to every training script: a clear one-line error and exit code 2, never a traceback."""
+"""Bad input to the training scripts: a clear one-line error and exit code 2, never a traceback.
+
+Each script's own validation is checked for every script; what goes through common.py (base specs, env limits,
+checkpoint loading) once, on sac_residual.py, besides common.py's unit tests.
+"""
 
 import pytest
 from conftest import run
@@ -6,7 +10,6 @@ from conftest import run
 import common
 
 SCRIPTS = ["sac_residual.py", "ppo_residual.py", "mbrl_residual.py"]
-OTHER = {"sac_residual.py": "ppo_residual.py", "ppo_residual.py": "sac_residual.py", "mbrl_residual.py": "sac_residual.py"}
 
 
 def assert_one_line_error(out, message):
@@ -20,27 +23,40 @@ def assert_one_line_error(out, message):
     [
         (["--num-envs", "0"], "--num-envs must be >= 1"),
         (["--residual-scale", "-1"], "--residual-scale must be > 0"),
-        (["--checkpoint", "/no/such/ckpt.pt"], "checkpoint not found"),
         (["--evaluate"], "--evaluate needs --checkpoint"),
-        (["--base", "gr00t"], "unknown --base"),
-        (["--base", "coarse:hole_pos_std=abc"], "bad --base option"),
         (["--save-trajectories", "x"], "--save-trajectories needs --evaluate"),
-        (["--num-envs", "512", "--sim-backend", "physx_cpu"], "--num-envs"),
     ],
 )
-def test_bad_inputs_are_one_line_errors(script, args, message):
+def test_each_script_checks_its_arguments(script, args, message):
     assert_one_line_error(run(script, *args), message)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_checkpoint_from_another_script_or_base(script, tmp_path):
+def test_checkpoint_from_another_script(script, tmp_path):
+    other = "ppo_residual.py" if script != "ppo_residual.py" else "sac_residual.py"
     foreign = tmp_path / "other.pt"
-    common.save_checkpoint(str(foreign), dict(script=OTHER[script], base="coarse"))
-    assert_one_line_error(run(script, "--checkpoint", foreign), f"written by {OTHER[script]}, not {script}")
+    common.save_checkpoint(str(foreign), dict(script=other, base="coarse"))
+    assert_one_line_error(run(script, "--checkpoint", foreign), f"written by {other}, not {script}")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkpoint", "/no/such/ckpt.pt"], "checkpoint not found"),
+        (["--base", "gr00t"], "unknown --base"),
+        (["--base", "coarse:hole_pos_std=abc"], "bad --base option"),
+        (["--num-envs", "512", "--sim-backend", "physx_cpu"], "use --num-envs"),
+    ],
+)
+def test_common_errors_reach_the_command_line(args, message):
+    assert_one_line_error(run("sac_residual.py", *args), message)
+
+
+def test_checkpoint_of_another_base_or_corrupt(tmp_path):
     mine = tmp_path / "mine.pt"
-    common.save_checkpoint(str(mine), dict(script=script, base="expert"))
-    assert_one_line_error(run(script, "--base", "coarse", "--evaluate", "--checkpoint", mine),
+    common.save_checkpoint(str(mine), dict(script="sac_residual.py", base="expert"))
+    assert_one_line_error(run("sac_residual.py", "--base", "coarse", "--evaluate", "--checkpoint", mine),
                           "trained on base 'expert', not 'coarse'")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    assert_one_line_error(run(script, "--checkpoint", corrupt), "corrupt")
+    assert_one_line_error(run("sac_residual.py", "--checkpoint", corrupt), "corrupt")

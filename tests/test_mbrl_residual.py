@@ -4,7 +4,7 @@ subprocess with a tiny budget (train, evaluate, resume exactly)."""
 import json
 
 import torch
-from conftest import load_run, run, scalars
+from conftest import Script, assert_same_tensors, run, scalars
 
 from mbrl_residual import DynamicsEnsemble, imagine
 
@@ -14,12 +14,7 @@ TINY = ["--num-envs", "1", "--num-eval-envs", "1", "--num-eval-episodes", "1", "
         "--model-hidden-dim", "16", "--rollout-batch-size", "20"]
 
 
-def train(tmp_path, *extra):
-    return run("mbrl_residual.py", *TINY, *extra, cwd=tmp_path)
-
-
-def checkpoint(tmp_path, exp_name):
-    return load_run(tmp_path, exp_name, "mbrl_residual.py")
+MBRL = Script("mbrl_residual.py", TINY)
 
 
 def test_ensemble_fits_known_dynamics():
@@ -79,11 +74,8 @@ def test_imagined_rollouts_stop_at_termination_and_disagreement():
 
 
 def test_train_evaluate_and_resume_exactly(tmp_path):
-    common_args = ["--base", "coarse", "--eval-freq", "150", "--seed", "3"]
-    full = train(tmp_path, *common_args, "--total-timesteps", "300", "--exp-name", "full")
-    half = train(tmp_path, *common_args, "--total-timesteps", "150", "--exp-name", "half")
-    assert full.returncode == 0 and half.returncode == 0, (full.stderr + half.stderr)[-3000:]
-    run_dir, ckpt = checkpoint(tmp_path, "full")
+    (run_dir, ckpt), (_, b) = MBRL.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "150", "--seed", "3"],
+                                               300, 150)
     for key in ("model", "model_optimizer", "model_rb", "rb", "actor", "qf1", "obs_rms", "rng", "next_model_train"):
         assert key in ckpt
     assert ckpt["model_rb"]["ptr"] > 0  # imagined transitions were made
@@ -91,16 +83,10 @@ def test_train_evaluate_and_resume_exactly(tmp_path):
     for key in ("model/train_loss", "model/val_loss", "model/val_state_mse", "model/disagreement",
                 "model/rollout_kept", "eval/success_at_end", "eval_base/success_at_end", "losses/qf1_loss"):
         assert key in tags, key
+    assert ckpt["global_step"] == b["global_step"] == 300 and ckpt["num_updates"] == b["num_updates"]
+    for net in ("actor", "qf1", "model"):
+        assert_same_tensors(ckpt[net], b[net], net)
+    assert torch.equal(ckpt["model_rb"]["data"]["next_obs"], b["model_rb"]["data"]["next_obs"])
     out = run("mbrl_residual.py", "--base", "coarse", "--evaluate", "--checkpoint", run_dir / "ckpt.pt",
               "--num-eval-envs", "1", "--num-eval-episodes", "1")
     assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1])["eval/episodes"] == 1
-
-    half_dir, _ = checkpoint(tmp_path, "half")
-    resumed = train(tmp_path, *common_args, "--total-timesteps", "300", "--checkpoint", half_dir / "ckpt.pt")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, b = checkpoint(tmp_path, "half")
-    assert ckpt["global_step"] == b["global_step"] == 300 and ckpt["num_updates"] == b["num_updates"]
-    for net in ("actor", "qf1", "model"):
-        for k in ckpt[net]:
-            assert torch.equal(ckpt[net][k], b[net][k]), f"{net}.{k} differs after resume"
-    assert torch.equal(ckpt["model_rb"]["data"]["next_obs"], b["model_rb"]["data"]["next_obs"])

@@ -4,21 +4,16 @@ import json
 
 import pytest
 import torch
-from conftest import interrupt_after, load_run, run, scalars
+from conftest import Script, assert_same_tensors, interrupt_after, run, scalars
 
-import common
 from ppo_residual import compute_gae
 
 TINY = ["--num-envs", "1", "--num-eval-envs", "1", "--num-eval-episodes", "1", "--num-steps", "50",
         "--num-minibatches", "2", "--update-epochs", "2", "--hidden-dim", "32"]
 
 
-def train(tmp_path, *extra):
-    return run("ppo_residual.py", *TINY, *extra, cwd=tmp_path)
-
-
-def checkpoint(tmp_path, exp_name):
-    return load_run(tmp_path, exp_name, "ppo_residual.py")
+PPO = Script("ppo_residual.py", TINY)
+train, checkpoint = PPO.train, PPO.checkpoint
 
 
 def gae_reference(rewards, values, next_values, terminated, dones, gamma, lam):
@@ -59,20 +54,18 @@ def test_gae_bootstraps_truncation_but_not_termination():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def runs(tmp_path_factory):
+    """Checkpoints of 200 steps in one run, and of 100 steps resumed to 200 (same seed)."""
     tmp_path = tmp_path_factory.mktemp("ppo")
-    out = train(tmp_path, "--base", "expert", "--total-timesteps", "150", "--eval-freq", "100", "--exp-name", "t")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return tmp_path, out
+    return PPO.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "100", "--seed", "3"], 200, 100)
 
 
-def test_training_writes_checkpoint_and_scalars(trained):
-    tmp_path, out = trained
-    run_dir, ckpt = checkpoint(tmp_path, "t")
-    assert ckpt["global_step"] == 150 and ckpt["iteration"] == 3 and ckpt["base"] == "expert"
+def test_training_writes_checkpoint_and_scalars(runs):
+    (run_dir, ckpt), _ = runs
+    assert ckpt["global_step"] == 200 and ckpt["iteration"] == 4 and ckpt["base"] == "coarse"
     for key in ("agent", "optimizer", "obs_rms", "return_rms", "rng", "eval_base", "args"):
         assert key in ckpt
-    assert ckpt["obs_rms"]["count"] > 149 and ckpt["return_rms"]["count"] > 149  # one update per step
+    assert ckpt["obs_rms"]["count"] > 199 and ckpt["return_rms"]["count"] > 199  # one update per step
     # the residual's mean head starts at zero and has moved; the std is learned by default
     assert ckpt["agent"]["actor_mean.4.weight"].abs().sum() > 0
     tags = scalars(run_dir)
@@ -81,38 +74,26 @@ def test_training_writes_checkpoint_and_scalars(trained):
                 "losses/approx_kl", "losses/explained_variance", "residual/base_action_norm",
                 "residual/residual_action_norm", "charts/SPS", "charts/SPS_over_env_SPS"):
         assert key in tags, key
-    # The untrained residual is exactly the base: its first evaluation equals the base alone (the expert succeeds).
-    assert tags["eval/success_at_end"][0] == tags["eval_base/success_at_end"][0] == (0, 1.0)
-    assert [s for s, _ in tags["eval/success_at_end"]] == [0, 100, 150]
-    assert "step 150/150" in out.stdout
+    # The untrained residual is exactly the base: its first evaluation equals the base alone, return and all.
+    assert tags["eval/return"][0] == tags["eval_base/return"][0] and tags["eval/return"][0][0] == 0
+    assert [s for s, _ in tags["eval/success_at_end"]] == [0, 100, 200]
 
 
-def test_evaluate_checkpoint_prints_json(trained):
-    run_dir, _ = checkpoint(trained[0], "t")
-    out = run("ppo_residual.py", "--base", "expert", "--evaluate", "--checkpoint", run_dir / "ckpt.pt",
+def test_resume_is_exact(runs):
+    """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint."""
+    (_, a), (_, b) = runs
+    assert a["global_step"] == b["global_step"] == 200 and a["iteration"] == b["iteration"] == 4
+    for part in ("agent", "obs_rms", "return_rms"):
+        assert_same_tensors(a[part], b[part], part)
+
+
+def test_evaluate_checkpoint_prints_json(runs):
+    (run_dir, _), _ = runs
+    out = run("ppo_residual.py", "--base", "coarse", "--evaluate", "--checkpoint", run_dir / "ckpt.pt",
               "--num-eval-envs", "1", "--num-eval-episodes", "1")
     assert out.returncode == 0, out.stderr[-3000:]
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["eval/episodes"] == 1 and 0 <= stats["eval/success_at_end"] <= 1
-
-
-def test_resume_is_exact(tmp_path):
-    """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint."""
-    common_args = ["--base", "coarse", "--eval-freq", "100", "--seed", "3"]
-    full = train(tmp_path, *common_args, "--total-timesteps", "200", "--exp-name", "full")
-    half = train(tmp_path, *common_args, "--total-timesteps", "100", "--exp-name", "half")
-    assert full.returncode == 0 and half.returncode == 0, (full.stderr + half.stderr)[-3000:]
-    half_dir, _ = checkpoint(tmp_path, "half")
-    resumed = train(tmp_path, *common_args, "--total-timesteps", "200", "--checkpoint", half_dir / "ckpt.pt")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, a = checkpoint(tmp_path, "full")
-    _, b = checkpoint(tmp_path, "half")  # the resumed run continues in the same run folder
-    assert a["global_step"] == b["global_step"] == 200 and a["iteration"] == b["iteration"] == 4
-    for k in a["agent"]:
-        assert torch.equal(a["agent"][k], b["agent"][k]), f"agent.{k} differs after resume"
-    for stats in ("obs_rms", "return_rms"):
-        for k in a[stats]:
-            assert torch.equal(a[stats][k], b[stats][k]), f"{stats}.{k} differs after resume"
 
 
 def test_fixed_std_stays_fixed(tmp_path):
@@ -125,7 +106,7 @@ def test_fixed_std_stays_fixed(tmp_path):
 
 def test_pi0_base_with_action_chunks(tmp_path, tiny_pi0):
     """The residual acts every step on top of the cached chunk of a (tiny) VLA."""
-    out = train(tmp_path, "--base", f"pi0:{tiny_pi0}", "--total-timesteps", "50", "--eval-freq", "50",
+    out = train(tmp_path, "--base", f"pi0:{tiny_pi0}", "--total-timesteps", "50", "--eval-freq", "1000",
                 "--exp-name", "pi0")
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir, ckpt = checkpoint(tmp_path, "pi0")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import interrupt_after, load_run, run, scalars
+from conftest import Script, assert_same_tensors, interrupt_after, run, scalars
 
 import common
 
@@ -15,12 +15,8 @@ TINY = ["--num-envs", "1", "--num-eval-envs", "1", "--num-eval-episodes", "1", "
         "--progressive-steps", "50", "--buffer-size", "10000"]
 
 
-def train(tmp_path, *extra):
-    return run("sac_residual.py", *TINY, *extra, cwd=tmp_path)
-
-
-def checkpoint(tmp_path, exp_name):
-    return load_run(tmp_path, exp_name, "sac_residual.py")
+SAC = Script("sac_residual.py", TINY)
+train, checkpoint = SAC.train, SAC.checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -85,19 +81,10 @@ def test_saved_trajectories_replay_with_maniskill(trained):
 
 def test_resume_is_exact(tmp_path):
     """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint."""
-    common_args = ["--base", "coarse", "--eval-freq", "150", "--seed", "3"]
-    full = train(tmp_path, *common_args, "--total-timesteps", "300", "--exp-name", "full")
-    half = train(tmp_path, *common_args, "--total-timesteps", "150", "--exp-name", "half")
-    assert full.returncode == 0 and half.returncode == 0, (full.stderr + half.stderr)[-3000:]
-    half_dir, _ = checkpoint(tmp_path, "half")
-    resumed = train(tmp_path, *common_args, "--total-timesteps", "300", "--checkpoint", half_dir / "ckpt.pt")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, a = checkpoint(tmp_path, "full")
-    _, b = checkpoint(tmp_path, "half")  # the resumed run continues in the same run folder
+    (_, a), (_, b) = SAC.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "150", "--seed", "3"], 300, 150)
     assert a["global_step"] == b["global_step"] == 300 and a["num_updates"] == b["num_updates"]
     for net in ("actor", "qf1", "qf2", "qf1_target"):
-        for k in a[net]:
-            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
+        assert_same_tensors(a[net], b[net], net)
     assert torch.equal(a["rb"]["data"]["reward"], b["rb"]["data"]["reward"])
     assert torch.equal(a["log_alpha"], b["log_alpha"])
 
