@@ -732,9 +732,11 @@ if __name__ == "__main__":
 
                 if global_step >= next_eval or global_step >= args.total_timesteps:
                     next_eval += args.eval_freq
+                    t0 = time.perf_counter()
                     run_eval()
                     obs, a_base = restart_envs()
                     save()
+                    t_start += time.perf_counter() - t0  # SPS counts training time only
                 if stop_requested:
                     print(f"interrupted at step {global_step}: saving {ckpt_path}", file=sys.stderr)
                     restart_envs()

@@ -473,9 +473,11 @@ if __name__ == "__main__":
 
                 if global_step >= next_eval or iteration == num_iterations:
                     next_eval = (global_step // args.eval_freq + 1) * args.eval_freq
+                    t0 = time.perf_counter()
                     run_eval()
                     obs, a_base, disc_return = restart_envs()
                     save()
+                    t_start += time.perf_counter() - t0  # SPS counts training time only
                 if stop_requested:
                     print(f"interrupted at step {global_step}: saving {ckpt_path}", file=sys.stderr)
                     obs, a_base, disc_return = restart_envs()

@@ -50,6 +50,8 @@ class Args:
     """where the runs' tensorboard logs and checkpoints go"""
     device: str = "CPU, 2 cores"
     """the machine, in words, recorded with each run (name the GPU)"""
+    target: float = 0.0
+    """a success target to draw as a line (0: none)"""
     collect_only: bool = False
     """whether to only read the newest finished run of each (variant, seed) from workdir, without running anything"""
     run_prefix: str = ""
@@ -102,12 +104,15 @@ def main(args: Args, extra: list[str]):
                 eval_success_once=read_scalars(run_dir, "eval/success_once"),
                 base_alone_success_at_end=read_scalars(run_dir, "eval_base/success_at_end")[:1],
                 final_sps=sps[-1][1] if sps else None,
+                final_env_sps=(read_scalars(run_dir, "charts/env_SPS") or [(0, None)])[-1][1],
                 final_sps_over_env_sps=ratio[-1][1] if ratio else None,
+                # evaluation time up to the last SPS log (older runs counted it in their SPS)
+                eval_s=sum(v for s, v in read_scalars(run_dir, "time/eval") if sps and s < sps[-1][0]),
             ))
-            plot(results, out)
+            plot(results, out, args.target)
 
 
-def plot(results, out):
+def plot(results, out, target=0.0):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,6 +131,8 @@ def plot(results, out):
     if base_lines:
         base = next(r["base"] for r in runs if r["variant"] == "residual")
         ax.axhline(sum(base_lines) / len(base_lines), color="gray", ls="--", label=f"{base} base alone")
+    if target:
+        ax.axhline(target, color="green", ls=":", lw=1, label=f"target {target}")
     ax.set_xlabel("env steps")
     ax.set_ylabel("eval success_at_end")
     ax.set_ylim(-0.02, 1.02)
