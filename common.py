@@ -802,11 +802,10 @@ def _scripted_base_options(name: str, arg: str) -> dict:
             kwargs[key] = float(value)
         except ValueError:
             raise ConfigError(f"bad --base option {item!r}: expected key=number") from None
-    cls = ExpertBase if name == "expert" else CoarseBase
-    unknown = set(kwargs) - {f.name for f in dataclasses.fields(cls.Config)}
+    known = {f.name for f in dataclasses.fields((ExpertBase if name == "expert" else CoarseBase).Config)}
+    unknown = set(kwargs) - known
     if unknown:
-        raise ConfigError(f"unknown --base {name} option(s) {sorted(unknown)}; known: "
-                          f"{sorted(f.name for f in dataclasses.fields(cls.Config))}")
+        raise ConfigError(f"unknown --base {name} option(s) {sorted(unknown)}; known: {sorted(known)}")
     return kwargs
 
 
