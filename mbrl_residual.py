@@ -84,6 +84,8 @@ class Args:
     """bound of the residual in action units: a = clip(a_base + scale * tanh(.)) (Policy Decorator's alpha)"""
     residual_sees_base: bool = True
     """whether the residual observes [s, a_base] (paper 2.1) rather than s alone (RPL's finding)"""
+    task_features: bool = True
+    """whether the residual also observes common.task_features(s): the head's offset from the hole axis, depth, tilt"""
 
     # algorithm: SAC (as sac_residual.py)
     gamma: float = 0.95
@@ -156,6 +158,9 @@ class Args:
     # speed
     compile: bool = False
     """whether to torch.compile the update and policy functions"""
+    threads: int = 1
+    """torch threads of the learner when it runs on the CPU: the env workers are processes of their own, and a second
+    learner thread that fights them for the cores made small-batch updates several times slower on 2 cores"""
 
     # runtime
     log_freq: int = 2_000
@@ -184,7 +189,8 @@ class SoftQNetwork(nn.Module):
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
 EPISODE_KEYS = ("return", "episode_len", "success_once", "success_at_end")
-ARCH_ARGS = ("env_id", "control_mode", "residual_scale", "residual_sees_base", "hidden_dim", "layer_norm")
+ARCH_ARGS = ("env_id", "control_mode", "residual_scale", "residual_sees_base", "task_features",
+             "hidden_dim", "layer_norm")
 
 
 class Actor(nn.Module):
@@ -390,7 +396,11 @@ if __name__ == "__main__":
 
         # ---- seed, device, envs ----
         common.seed_everything(args.seed, args.torch_deterministic)
+        if args.threads < 1:
+            raise common.ConfigError(f"--threads must be >= 1, got {args.threads}")
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        if device.type == "cpu":
+            torch.set_num_threads(args.threads)
         eval_envs = common.make_env(args.num_eval_envs, args.sim_backend, env_id=args.env_id,
                                     control_mode=args.control_mode, reward=args.reward, images=images,
                                     eval_mode=True, seed=args.seed + 10_000, record_dir=args.save_trajectories,
@@ -400,7 +410,8 @@ if __name__ == "__main__":
             envs = common.make_env(args.num_envs, args.sim_backend, env_id=args.env_id,
                                    control_mode=args.control_mode, reward=args.reward, images=images, seed=args.seed)
         act_dim, state_dim = eval_envs.action_dim, eval_envs.state_dim
-        obs_dim = state_dim + (act_dim if args.residual_sees_base else 0)
+        res_dim = state_dim + (common.TASK_FEATURE_DIM if args.task_features else 0)
+        obs_dim = res_dim + (act_dim if args.residual_sees_base else 0)
         eval_base = common.make_base_policy(args.base, eval_envs, seed=args.seed)
 
         # ---- networks ----
@@ -413,14 +424,14 @@ if __name__ == "__main__":
         actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
         log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=True)
         a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
-        obs_rms = common.RunningMeanStd(state_dim, device=device)
+        obs_rms = common.RunningMeanStd(res_dim, device=device)
         model = DynamicsEnsemble(args.ensemble_size, state_dim + 2 * act_dim, state_dim + act_dim + 1,
                                  args.model_hidden_dim).to(device)
         model_optimizer = torch.optim.Adam(model.parameters(), lr=args.model_lr)
 
         def rl_obs(state, a_base):
-            """s_RL = [normalised s, a_base] (a_base is already in [-1, 1])."""
-            s = obs_rms.normalize(state)
+            """s_RL = [normalised (s, task features), a_base] (a_base is already in [-1, 1])."""
+            s = obs_rms.normalize(common.residual_state(state, args.task_features))
             return torch.cat([s, a_base], -1) if args.residual_sees_base else s
 
         def deterministic_residual(obs, a_base):
@@ -626,7 +637,8 @@ if __name__ == "__main__":
         losses = torch.zeros(6, device=device)
         loss_count = 0
         t_start, steps_at_start = time.perf_counter(), global_step
-        t_rollout = t_update = t_env_total = 0.0
+        t_rollout = t_update = 0.0
+        sim_time_at_start = envs.sim_time
         next_eval = (global_step // args.eval_freq + 1) * args.eval_freq
         next_log = global_step + args.log_freq
         # Ctrl-C asks the loop to stop at the end of the current step, where a checkpoint can resume exactly;
@@ -638,7 +650,8 @@ if __name__ == "__main__":
             while global_step < args.total_timesteps:
                 t0 = time.perf_counter()
                 state = obs["state"].to(device)
-                obs_rms.update(state)  # buffer states are normalised at sample time, so stored data never goes stale
+                # buffer states are normalised at sample time, so stored data never goes stale
+                obs_rms.update(common.residual_state(state, args.task_features))
                 if global_step < args.learning_starts:
                     a_res = torch.zeros_like(a_base)  # base-only rollouts: the critic's warm-up data
                 else:
@@ -647,9 +660,7 @@ if __name__ == "__main__":
                         p = min((global_step - args.learning_starts) / args.progressive_steps, 1.0)
                         a_res = a_res * (torch.rand(args.num_envs, 1, device=device) < p)
                 action = common.compose_action(a_base, a_res, args.residual_scale)
-                t_env = time.perf_counter()
                 next_obs, reward, terminated, truncated, info = envs.step(action.to(env_device))
-                t_env_total += time.perf_counter() - t_env
                 done = terminated | truncated
                 base.reset(done)
                 next_a_base = base(next_obs).to(device)  # also the base action of the next iteration
@@ -717,10 +728,11 @@ if __name__ == "__main__":
                     sps = (global_step - steps_at_start) / (time.perf_counter() - t_start)
                     alpha = log_alpha.exp().item()
                     # Throughput as a ratio within this run: training steps/s over the env's own steps/s.
-                    env_sps = (global_step - steps_at_start) / t_env_total
+                    t_env = envs.sim_time - sim_time_at_start
+                    env_sps = (global_step - steps_at_start) / t_env
                     logs.update({"losses/alpha": alpha, "charts/SPS": sps, "charts/env_SPS": env_sps,
                                  "charts/SPS_over_env_SPS": sps / env_sps, "charts/learning_rate": args.q_lr,
-                                 "time/rollout": t_rollout, "time/update": t_update, "time/env": t_env_total})
+                                 "time/rollout": t_rollout, "time/update": t_update, "time/env": t_env})
                     logger.log(logs, global_step)
                     print(f"step {global_step}/{args.total_timesteps} | SPS {sps:.0f} ({sps / env_sps:.2f} of env) | "
                           f"train success_once "

@@ -83,6 +83,8 @@ class Args:
     """bound of the residual in action units: a = clip(a_base + scale * tanh(u)) (ResiP, Policy Decorator)"""
     residual_sees_base: bool = True
     """whether the residual observes [s, a_base] (paper 2.1) rather than s alone"""
+    task_features: bool = True
+    """whether the residual also observes common.task_features(s): the head's offset from the hole axis, depth, tilt"""
 
     # algorithm
     num_steps: int = 500
@@ -128,9 +130,13 @@ class Args:
     # speed
     compile: bool = False
     """whether to torch.compile the update and policy functions"""
+    threads: int = 1
+    """torch threads of the learner when it runs on the CPU: the env workers are processes of their own, and a second
+    learner thread that fights them for the cores made small-batch updates several times slower on 2 cores"""
 
 
-ARCH_ARGS = ("env_id", "control_mode", "residual_scale", "residual_sees_base", "hidden_dim", "norm_obs")
+ARCH_ARGS = ("env_id", "control_mode", "residual_scale", "residual_sees_base", "task_features",
+             "hidden_dim", "norm_obs")
 EPISODE_KEYS = ("return", "episode_len", "success_once", "success_at_end")
 
 
@@ -220,7 +226,11 @@ if __name__ == "__main__":
 
         # ---- seed, device, envs ----
         common.seed_everything(args.seed, args.torch_deterministic)
+        if args.threads < 1:
+            raise common.ConfigError(f"--threads must be >= 1, got {args.threads}")
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        if device.type == "cpu":
+            torch.set_num_threads(args.threads)
         eval_envs = common.make_env(args.num_eval_envs, args.sim_backend, env_id=args.env_id,
                                     control_mode=args.control_mode, reward=args.reward, images=images,
                                     eval_mode=True, seed=args.seed + 10_000, record_dir=args.save_trajectories,
@@ -230,19 +240,20 @@ if __name__ == "__main__":
             envs = common.make_env(args.num_envs, args.sim_backend, env_id=args.env_id,
                                    control_mode=args.control_mode, reward=args.reward, images=images, seed=args.seed)
         act_dim, state_dim = eval_envs.action_dim, eval_envs.state_dim
-        obs_dim = state_dim + (act_dim if args.residual_sees_base else 0)
+        res_dim = state_dim + (common.TASK_FEATURE_DIM if args.task_features else 0)
+        obs_dim = res_dim + (act_dim if args.residual_sees_base else 0)
         eval_base = common.make_base_policy(args.base, eval_envs, seed=args.seed)
 
         # ---- networks ----
         agent = Agent(obs_dim, act_dim, args.hidden_dim, args.init_std, args.fixed_std).to(device)
         optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate,
                                      eps=1e-5)
-        obs_rms = common.RunningMeanStd(state_dim, device=device)
+        obs_rms = common.RunningMeanStd(res_dim, device=device)
         return_rms = common.RunningMeanStd((), device=device)
 
         def rl_obs(state, a_base):
-            """s_RL = [normalised s, a_base] (a_base is already in [-1, 1])."""
-            s = obs_rms.normalize(state) if args.norm_obs else state
+            """s_RL = [normalised (s, task features), a_base] (a_base is already in [-1, 1])."""
+            s = obs_rms.normalize(common.residual_state(state, args.task_features)) if args.norm_obs else state
             return torch.cat([s, a_base], -1) if args.residual_sees_base else s
 
         def deterministic_residual(obs, a_base):
@@ -361,7 +372,8 @@ if __name__ == "__main__":
         env_device = envs.device
         next_eval = (global_step // args.eval_freq + 1) * args.eval_freq
         t_start, steps_at_start = time.perf_counter(), global_step
-        t_rollout = t_update = t_env_total = 0.0
+        t_rollout = t_update = 0.0
+        sim_time_at_start = envs.sim_time
         # Ctrl-C asks the loop to stop at the end of the current iteration, where a checkpoint can resume exactly;
         # a second Ctrl-C interrupts at once.
         stop_requested = []
@@ -381,15 +393,13 @@ if __name__ == "__main__":
                 for step in range(args.num_steps):
                     state = obs["state"].to(device)
                     if args.norm_obs:
-                        obs_rms.update(state)
+                        obs_rms.update(common.residual_state(state, args.task_features))
                     x = rl_obs(state, a_base)
                     u, logprob, value = policy_step(x)
                     # A diverged policy must not send NaN to the simulator; the loss check below stops the run.
                     a_res = torch.where(torch.isfinite(u), u, 0.0).tanh()
                     action = common.compose_action(a_base, a_res, args.residual_scale)
-                    t_env = time.perf_counter()
                     next_obs, reward, terminated, truncated, info = envs.step(action.to(env_device))
-                    t_env_total += time.perf_counter() - t_env
                     done = terminated | truncated
                     base.reset(done)
                     next_a_base = base(next_obs).to(device)
@@ -455,7 +465,8 @@ if __name__ == "__main__":
                     logs.update({f"reward/{k}": v / batch_size for k, v in zip(common.REWARD_TERMS, term_sums.tolist())})
                 nb, nr = (norm_sums / batch_size).tolist()
                 sps = (global_step - steps_at_start) / (time.perf_counter() - t_start)
-                env_sps = (global_step - steps_at_start) / t_env_total  # throughput as a ratio within this run
+                t_env = envs.sim_time - sim_time_at_start
+                env_sps = (global_step - steps_at_start) / t_env  # throughput as a ratio within this run
                 logs.update({
                     "losses/value_loss": v_loss, "losses/policy_loss": pg_loss, "losses/entropy": entropy,
                     "losses/old_approx_kl": old_kl, "losses/approx_kl": kl, "losses/clipfrac": clipfrac,
@@ -464,7 +475,7 @@ if __name__ == "__main__":
                     "residual/std": agent.actor_logstd.exp().mean().item(),
                     "charts/SPS": sps, "charts/env_SPS": env_sps, "charts/SPS_over_env_SPS": sps / env_sps,
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                    "time/rollout": t_rollout, "time/update": t_update, "time/env": t_env_total,
+                    "time/rollout": t_rollout, "time/update": t_update, "time/env": t_env,
                 })
                 logger.log(logs, global_step)
                 print(f"step {global_step}/{num_iterations * batch_size} | SPS {sps:.0f} ({sps / env_sps:.2f} of env) "

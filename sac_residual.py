@@ -5,8 +5,10 @@
 Choices from the residual-RL literature (Policy Decorator, RPL, ResiP, DAWN, RLPD), each a flag: the residual is
 bounded (scale * tanh) and starts at exactly zero; the critic scores the executed action a_base + a_res; it is warmed
 up on base-only rollouts before the actor acts, then the residual is switched on progressively; an L2 pull of the
-residual towards zero; LayerNorm critics; an update-to-data knob. Resume is exact: checkpoints are taken where every
-env restarts from a seed derived from the step.
+residual towards zero; LayerNorm critics; an update-to-data knob; n-step returns. The residual also observes the
+peg head's offset from the hole (common.task_features). On the CPU back end the updates run while the env workers
+simulate (step_async / step_wait). Resume is exact: checkpoints are taken where every env restarts from a seed derived
+from the step.
 
     python sac_residual.py                                   # CPU, 2 envs, the offline `coarse` base
     python sac_residual.py --num-envs 512 --utd 0.0625       # GPU
@@ -85,10 +87,15 @@ class Args:
     enough to hold the coarse base 14 mm off its hole estimate (its lateral pull is about error / 0.014 m)"""
     residual_sees_base: bool = True
     """whether the residual observes [s, a_base] (paper 2.1) rather than s alone (RPL's finding)"""
+    task_features: bool = True
+    """whether the residual also observes common.task_features(s): the head's offset from the hole axis, depth, tilt"""
 
     # algorithm
     gamma: float = 0.95
     """the discount factor (100-step episodes, and success ends the episode)"""
+    n_step: int = 1
+    """n-step returns for the critic's target (1: plain TD). Success comes a few steps after the lateral correction
+    that causes it; n steps carry it back n times faster, at the price of the behaviour policy's bias"""
     tau: float = 0.01
     """target smoothing coefficient"""
     batch_size: int = 256
@@ -132,6 +139,9 @@ class Args:
     # speed
     compile: bool = False
     """whether to torch.compile the update and policy functions"""
+    threads: int = 1
+    """torch threads of the learner when it runs on the CPU: the env workers are processes of their own, and a second
+    learner thread that fights them for the cores made small-batch updates several times slower on 2 cores"""
 
     # runtime
     log_freq: int = 2_000
@@ -160,7 +170,8 @@ class SoftQNetwork(nn.Module):
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
 EPISODE_KEYS = ("return", "episode_len", "success_once", "success_at_end")
-ARCH_ARGS = ("env_id", "control_mode", "residual_scale", "residual_sees_base", "hidden_dim", "layer_norm")
+ARCH_ARGS = ("env_id", "control_mode", "residual_scale", "residual_sees_base", "task_features",
+             "hidden_dim", "layer_norm")
 
 
 class Actor(nn.Module):
@@ -192,15 +203,20 @@ class Actor(nn.Module):
 # Replay buffer on the training device
 # ------------------------------------------------------------------------------------------------------------------
 class ReplayBuffer:
-    """Raw states (normalised at sample time, so stored data never goes stale), base actions and executed actions."""
+    """Raw states (normalised at sample time, so stored data never goes stale), base actions and executed actions.
 
-    FIELDS = ("obs", "a_base", "action", "reward", "next_obs", "next_a_base", "terminated")
+    Rows are added one env step at a time, `num_envs` rows per step, so env i's next step sits `num_envs` rows later:
+    `sample(..., n_step)` walks that far to build n-step returns (the size is a multiple of num_envs, so wrapping
+    keeps the pattern)."""
 
-    def __init__(self, size, state_dim, act_dim, device):
+    FIELDS = ("obs", "a_base", "action", "reward", "next_obs", "next_a_base", "terminated", "done")
+
+    def __init__(self, size, state_dim, act_dim, num_envs, device):
         dims = dict(obs=state_dim, a_base=act_dim, action=act_dim, reward=1, next_obs=state_dim,
-                    next_a_base=act_dim, terminated=1)
+                    next_a_base=act_dim, terminated=1, done=1)
+        size = max(size // num_envs, 1) * num_envs
         self.data = {k: torch.zeros(size, dims[k], device=device) for k in self.FIELDS}
-        self.size, self.ptr, self.full = size, 0, False
+        self.size, self.num_envs, self.ptr, self.full = size, num_envs, 0, False
 
     def add(self, **batch):
         n = batch["obs"].shape[0]
@@ -210,10 +226,28 @@ class ReplayBuffer:
         self.full = self.full or self.ptr + n >= self.size
         self.ptr = (self.ptr + n) % self.size
 
-    def sample(self, batch_size, generator=None):
+    def sample(self, batch_size, n_step=1, gamma=1.0):
+        """A batch of transitions; with n_step > 1 each is an n-step one: `reward` is the discounted sum of up to
+        n rewards of the same env, stopping at an episode end or at the newest data, `next_*` and `terminated` are
+        those of its last step, and `discount` is gamma ** (steps summed) (uncorrected n-step returns, as in
+        Rainbow and DrQ-v2: fine for a residual that stays near the policy that collected the data)."""
         high = self.size if self.full else self.ptr
-        idx = torch.randint(0, high, (batch_size,), device=self.data["obs"].device)
-        return {k: v[idx] for k, v in self.data.items()}
+        dev = self.data["obs"].device
+        idx = torch.randint(0, high, (batch_size,), device=dev)
+        b = {k: v[idx] for k, v in self.data.items()}
+        b["discount"] = torch.full_like(b["reward"], gamma)
+        if n_step > 1:
+            newer = (self.ptr - 1 - idx) % self.size  # rows written after idx
+            alive = 1.0 - b["done"]
+            for k in range(1, n_step):
+                ok = alive * (newer >= k * self.num_envs).float()[:, None]  # episode goes on, data exists
+                row = (idx + k * self.num_envs) % self.size
+                b["reward"] = b["reward"] + ok * gamma**k * self.data["reward"][row]
+                b["discount"] = torch.where(ok > 0, torch.full_like(ok, gamma ** (k + 1)), b["discount"])
+                for key in ("next_obs", "next_a_base", "terminated"):
+                    b[key] = torch.where(ok > 0, self.data[key][row], b[key])
+                alive = ok * (1.0 - self.data["done"][row])
+        return b
 
     def state_dict(self):
         """The stored transitions, oldest first."""
@@ -230,7 +264,8 @@ if __name__ == "__main__":
     def main():
         args = tyro.cli(Args)
         # ---- validate and derive ----
-        for name in ("num_envs", "num_eval_envs", "num_eval_episodes", "eval_freq", "batch_size", "log_freq"):
+        for name in ("num_envs", "num_eval_envs", "num_eval_episodes", "eval_freq", "batch_size", "log_freq",
+                     "n_step"):
             if getattr(args, name) < 1:
                 raise common.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.residual_scale <= 0:
@@ -250,7 +285,11 @@ if __name__ == "__main__":
 
         # ---- seed, device, envs ----
         common.seed_everything(args.seed, args.torch_deterministic)
+        if args.threads < 1:
+            raise common.ConfigError(f"--threads must be >= 1, got {args.threads}")
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        if device.type == "cpu":
+            torch.set_num_threads(args.threads)
         eval_envs = common.make_env(args.num_eval_envs, args.sim_backend, env_id=args.env_id,
                                     control_mode=args.control_mode, reward=args.reward, images=images,
                                     eval_mode=True, seed=args.seed + 10_000, record_dir=args.save_trajectories,
@@ -260,7 +299,8 @@ if __name__ == "__main__":
             envs = common.make_env(args.num_envs, args.sim_backend, env_id=args.env_id,
                                    control_mode=args.control_mode, reward=args.reward, images=images, seed=args.seed)
         act_dim, state_dim = eval_envs.action_dim, eval_envs.state_dim
-        obs_dim = state_dim + (act_dim if args.residual_sees_base else 0)
+        res_dim = state_dim + (common.TASK_FEATURE_DIM if args.task_features else 0)
+        obs_dim = res_dim + (act_dim if args.residual_sees_base else 0)
         eval_base = common.make_base_policy(args.base, eval_envs, seed=args.seed)
 
         # ---- networks ----
@@ -269,15 +309,17 @@ if __name__ == "__main__":
         qf1_target, qf2_target = (SoftQNetwork(obs_dim, act_dim, args.hidden_dim, args.layer_norm).to(device)
                                   for _ in range(2))
         qf1_target.load_state_dict(qf1.state_dict()), qf2_target.load_state_dict(qf2.state_dict())
+        online_params = list(qf1.parameters()) + list(qf2.parameters())
+        target_params = list(qf1_target.parameters()) + list(qf2_target.parameters())  # loaded in place on resume
         q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
         actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
         log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=True)
         a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
-        obs_rms = common.RunningMeanStd(state_dim, device=device)
+        obs_rms = common.RunningMeanStd(res_dim, device=device)
 
         def rl_obs(state, a_base):
-            """s_RL = [normalised s, a_base] (a_base is already in [-1, 1])."""
-            s = obs_rms.normalize(state)
+            """s_RL = [normalised (s, task features), a_base] (a_base is already in [-1, 1])."""
+            s = obs_rms.normalize(common.residual_state(state, args.task_features))
             return torch.cat([s, a_base], -1) if args.residual_sees_base else s
 
         def deterministic_residual(obs, a_base):
@@ -307,7 +349,7 @@ if __name__ == "__main__":
         base = common.make_base_policy(args.base, envs, seed=args.seed)
         logger = common.Logger(run_name, args)
         ckpt_path = os.path.join(logger.dir, "ckpt.pt")
-        rb = ReplayBuffer(args.buffer_size, state_dim, act_dim, device)
+        rb = ReplayBuffer(args.buffer_size, state_dim, act_dim, args.num_envs, device)
         global_step, num_updates, update_debt = 0, 0, 0.0
         eval_base_stats = None
         if ckpt:
@@ -331,7 +373,8 @@ if __name__ == "__main__":
                 next_action = common.compose_action(b["next_a_base"], next_res, args.residual_scale)
                 min_q_next = torch.min(qf1_target(next_x, next_action), qf2_target(next_x, next_action))
                 # Bootstrap unless the episode truly ended (success); time-limit truncations do bootstrap.
-                target = b["reward"] + (1 - b["terminated"]) * args.gamma * (min_q_next - alpha * next_log_pi[:, None])
+                soft_v_next = min_q_next - alpha * next_log_pi[:, None]
+                target = b["reward"] + (1 - b["terminated"]) * b["discount"] * soft_v_next
             x = rl_obs(b["obs"], b["a_base"])
             q1, q2 = qf1(x, b["action"]), qf2(x, b["action"])  # the critic scores the executed action
             qf1_loss, qf2_loss = F.mse_loss(q1, target), F.mse_loss(q2, target)
@@ -358,9 +401,7 @@ if __name__ == "__main__":
 
         def soft_update():
             with torch.no_grad():
-                for net, target in ((qf1, qf1_target), (qf2, qf2_target)):
-                    for p, tp in zip(net.parameters(), target.parameters()):
-                        tp.lerp_(p, args.tau)
+                torch._foreach_lerp_(target_params, online_params, args.tau)
 
         def policy_step(state, a_base):
             with torch.no_grad():
@@ -420,7 +461,8 @@ if __name__ == "__main__":
         losses = torch.zeros(6, device=device)
         loss_count = 0
         t_start, steps_at_start = time.perf_counter(), global_step
-        t_rollout = t_update = t_env_total = 0.0
+        t_rollout = t_update = 0.0
+        sim_time_at_start = envs.sim_time
         next_eval = (global_step // args.eval_freq + 1) * args.eval_freq
         next_log = global_step + args.log_freq
         # Ctrl-C asks the loop to stop at the end of the current step, where a checkpoint can resume exactly;
@@ -432,7 +474,8 @@ if __name__ == "__main__":
             while global_step < args.total_timesteps:
                 t0 = time.perf_counter()
                 state = obs["state"].to(device)
-                obs_rms.update(state)  # buffer states are normalised at sample time, so stored data never goes stale
+                # buffer states are normalised at sample time, so stored data never goes stale
+                obs_rms.update(common.residual_state(state, args.task_features))
                 if global_step < args.learning_starts:
                     a_res = torch.zeros_like(a_base)  # base-only rollouts: the critic's warm-up data
                 else:
@@ -441,42 +484,23 @@ if __name__ == "__main__":
                         p = min((global_step - args.learning_starts) / args.progressive_steps, 1.0)
                         a_res = a_res * (torch.rand(args.num_envs, 1, device=device) < p)
                 action = common.compose_action(a_base, a_res, args.residual_scale)
-                t_env = time.perf_counter()
-                next_obs, reward, terminated, truncated, info = envs.step(action.to(env_device))
-                t_env_total += time.perf_counter() - t_env
-                done = terminated | truncated
-                base.reset(done)
-                next_a_base = base(next_obs).to(device)  # also the base action of the next iteration
-                done = done.to(device)
-                # Bootstrap input [s', a_base']: at an episode end the base is not queried on the terminal state (a
-                # chunked VLA would spend a query on a state it never acts from): a_base stands in for a_base'.
-                rb.add(obs=state, a_base=a_base, action=action, reward=reward.to(device),
-                       next_obs=info["final_obs"]["state"].to(device),
-                       next_a_base=torch.where(done[:, None], a_base, next_a_base), terminated=terminated.to(device))
-                obs, a_base = next_obs, next_a_base
-                global_step += args.num_envs
-                t_rollout += time.perf_counter() - t0
-
-                # bookkeeping stays on the device: no .item() in the loop
-                d, ep = done.float(), info["episode"]
-                ep_sums += torch.stack([d.sum()] + [(ep[k].to(device).float() * d).sum() for k in EPISODE_KEYS])
-                if args.reward == "staged":
-                    term_sums += torch.stack([info[f"reward/{k}"].to(device).sum() for k in common.REWARD_TERMS])
                 norm_sums += torch.stack([a_base.norm(dim=-1).sum(), (args.residual_scale * a_res).norm(dim=-1).sum(),
                                           (a_res != 0).any(-1).float().sum()])
+                envs.step_async(action.to(env_device))
 
-                # ---- updates ----
+                # ---- updates, while the CPU env workers simulate this step (on the data up to the last one) ----
+                t_rollout += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                if global_step >= args.learning_starts:
+                if global_step >= max(args.learning_starts, 1):
                     if num_updates == 0:  # critic warm-up before the actor acts or learns
                         for _ in range(args.critic_warmup_updates):
-                            update_critic(rb.sample(args.batch_size), log_alpha.exp().detach())
+                            update_critic(rb.sample(args.batch_size, args.n_step, args.gamma), log_alpha.exp().detach())
                             soft_update()
                     update_debt += args.utd * args.num_envs
                     while update_debt >= 1:
                         update_debt -= 1
                         alpha = log_alpha.exp().detach()
-                        q_stats = update_critic(rb.sample(args.batch_size), alpha)
+                        q_stats = update_critic(rb.sample(args.batch_size, args.n_step, args.gamma), alpha)
                         a_stats = torch.zeros(2, device=device)
                         if num_updates % args.policy_frequency == 0:
                             a_stats = update_actor(rb.sample(args.batch_size), alpha)
@@ -486,6 +510,28 @@ if __name__ == "__main__":
                         losses += torch.cat([q_stats, a_stats])
                         loss_count += 1
                 t_update += time.perf_counter() - t0
+
+                t0 = time.perf_counter()
+                next_obs, reward, terminated, truncated, info = envs.step_wait()
+                done = terminated | truncated
+                base.reset(done)
+                next_a_base = base(next_obs).to(device)  # also the base action of the next iteration
+                done = done.to(device)
+                # Bootstrap input [s', a_base']: at an episode end the base is not queried on the terminal state (a
+                # chunked VLA would spend a query on a state it never acts from): a_base stands in for a_base'.
+                rb.add(obs=state, a_base=a_base, action=action, reward=reward.to(device),
+                       next_obs=info["final_obs"]["state"].to(device),
+                       next_a_base=torch.where(done[:, None], a_base, next_a_base), terminated=terminated.to(device),
+                       done=done)
+                obs, a_base = next_obs, next_a_base
+                global_step += args.num_envs
+
+                # bookkeeping stays on the device: no .item() in the loop
+                d, ep = done.float(), info["episode"]
+                ep_sums += torch.stack([d.sum()] + [(ep[k].to(device).float() * d).sum() for k in EPISODE_KEYS])
+                if args.reward == "staged":
+                    term_sums += torch.stack([info[f"reward/{k}"].to(device).sum() for k in common.REWARD_TERMS])
+                t_rollout += time.perf_counter() - t0
 
                 # ---- logging ----
                 if global_step >= next_log:
@@ -508,10 +554,11 @@ if __name__ == "__main__":
                     sps = (global_step - steps_at_start) / (time.perf_counter() - t_start)
                     alpha = log_alpha.exp().item()
                     # Throughput as a ratio within this run: training steps/s over the env's own steps/s.
-                    env_sps = (global_step - steps_at_start) / t_env_total
+                    t_env = envs.sim_time - sim_time_at_start
+                    env_sps = (global_step - steps_at_start) / t_env
                     logs.update({"losses/alpha": alpha, "charts/SPS": sps, "charts/env_SPS": env_sps,
                                  "charts/SPS_over_env_SPS": sps / env_sps, "charts/learning_rate": args.q_lr,
-                                 "time/rollout": t_rollout, "time/update": t_update, "time/env": t_env_total})
+                                 "time/rollout": t_rollout, "time/update": t_update, "time/env": t_env})
                     logger.log(logs, global_step)
                     print(f"step {global_step}/{args.total_timesteps} | SPS {sps:.0f} ({sps / env_sps:.2f} of env) | "
                           f"train success_once "

@@ -1,5 +1,7 @@
 """Environment factory: CPU vector env parity with single envs, ManiSkill's eval protocol, bad inputs."""
 
+import time
+
 import pytest
 import torch
 
@@ -7,7 +9,8 @@ import common
 
 
 def test_cpu_vector_env_matches_single_envs():
-    """Env i of a 2-worker CPU vector env reproduces an in-process env seeded with seed + i, across an auto-reset."""
+    """Env i of a 2-worker CPU vector env reproduces an in-process env seeded with seed + i, across an auto-reset,
+    whether stepped with step() or step_async() + step_wait()."""
     seed, steps = 7, 110  # 110 > 100 steps: crosses the truncation and the same-step reset
     gen = torch.Generator().manual_seed(0)
     actions = torch.rand(steps, 2, 7, generator=gen) * 2 - 1
@@ -15,9 +18,16 @@ def test_cpu_vector_env_matches_single_envs():
     try:
         obs = envs.reset()
         vec = [(obs["state"].clone(), None, None)]
+        t0 = time.perf_counter()
         for t in range(steps):
-            obs, reward, terminated, truncated, info = envs.step(actions[t])
+            if t % 2:  # step() is step_async() + step_wait(): the learner may work in between
+                envs.step_async(actions[t])
+                obs, reward, terminated, truncated, info = envs.step_wait()
+            else:
+                obs, reward, terminated, truncated, info = envs.step(actions[t])
             vec.append((info["final_obs"]["state"].clone(), reward.clone(), obs["state"].clone()))
+        # the simulator's own time (the slowest worker's env.step per step) is a part of the wall time
+        assert 0 < envs.sim_time < time.perf_counter() - t0
     finally:
         envs.close()
     for i in range(2):

@@ -128,3 +128,31 @@ def test_success_in_the_simulator(sim):
     assert info["success"].item()
     out = {k: v.item() for k, v in common.staged_reward(env, env.get_obs(info), info, CFG).items()}
     assert out == {"grasp": 0, "orient": 0, "insert": 0, "success": CFG.r_success, "stage": 0}
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.7])
+def test_task_features_give_the_heads_offset_from_the_hole_axis(theta):
+    """Head 3 mm left of and 1 mm below the hole axis, 2 cm before the entrance, peg 0.05 rad off the axis in yaw;
+    the whole scene turned by theta about world z: e_lat and tilt turn with it, depth does not."""
+    c, s = math.cos(theta), math.sin(theta)
+    Rz = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    hole_p = np.array([0.1, 0.3, 0.1])
+    head_in_hole = np.array([-L - 0.02, 0.003, -0.001])  # hole frame = world frame turned by theta
+    tilt = 0.05
+    v_peg_local = np.array([math.cos(tilt), math.sin(tilt), 0.0])
+    peg_p = hole_p + Rz @ (head_in_hole - L * v_peg_local)
+    state = torch.zeros(1, common.STATE_DIM)
+    state[0, common.PEG_POSE] = torch.tensor([*peg_p, *yaw_quat(theta + tilt)], dtype=torch.float32)
+    state[0, common.PEG_HALF_SIZE] = torch.tensor([L, R, R])
+    state[0, common.HOLE_POSE] = torch.tensor([*hole_p, *yaw_quat(theta)], dtype=torch.float32)
+    f = common.task_features(state)[0].double().numpy()
+    assert f.shape == (common.TASK_FEATURE_DIM,)
+    np.testing.assert_allclose(f[:3], Rz @ np.array([0.0, -0.3, 0.1]), atol=1e-4)  # cm, head -> axis
+    np.testing.assert_allclose(f[3], -2.0, atol=1e-4)  # cm before the entrance
+    np.testing.assert_allclose(f[4:], [0.0, 0.0, -math.sin(tilt)], atol=1e-5)  # peg x hole axis: turn back by tilt
+    far = state.clone()
+    far[0, common.PEG_POSE.start + 1] += 0.5  # half a metre off: the lateral part saturates at 2 cm
+    assert abs(np.linalg.norm(common.task_features(far)[0, :3].numpy()) - 2.0) < 1e-4
+    with_f = common.residual_state(state, True)
+    assert with_f.shape == (1, common.STATE_DIM + common.TASK_FEATURE_DIM) and torch.equal(with_f[:, :43], state)
+    assert torch.equal(common.residual_state(state, False), state)

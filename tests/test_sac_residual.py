@@ -16,6 +16,37 @@ TINY = ["--num-envs", "1", "--num-eval-envs", "1", "--num-eval-episodes", "1", "
 
 
 SAC = Script("sac_residual.py", TINY)
+
+
+@pytest.mark.parametrize("n_step", [1, 3])
+def test_n_step_returns_match_a_plain_loop(n_step):
+    """Two envs, 5 steps, a buffer of 4 steps (so it wraps), env 0's episode ending at step 1: every sampled
+    transition's return, discount and bootstrap row against a per-env walk through the steps."""
+    from sac_residual import ReplayBuffer
+
+    E, T, gamma = 2, 5, 0.9
+    rb = ReplayBuffer(8, 1, 1, E, "cpu")
+    reward = torch.arange(T * E, dtype=torch.float32).reshape(T, E) + 1
+    done = torch.zeros(T, E, dtype=torch.bool)
+    done[1, 0] = True
+    for t in range(T):
+        rb.add(obs=torch.tensor([[t], [t]]), a_base=torch.zeros(E, 1), action=torch.zeros(E, 1), reward=reward[t],
+               next_obs=torch.tensor([[t + 1], [t + 101]]), next_a_base=torch.zeros(E, 1),
+               terminated=done[t], done=done[t])
+    torch.manual_seed(0)
+    b = rb.sample(500, n_step, gamma)
+    for i in range(500):
+        t, env = int(b["obs"][i]), int(b["next_obs"][i]) // 100  # rows hold steps 1..4 (step 0 was overwritten)
+        ret, k = 0.0, 0
+        while k < n_step and t + k < T:
+            ret += gamma**k * reward[t + k, env].item()
+            k += 1
+            if done[t + k - 1, env]:
+                break
+        assert b["reward"][i].item() == pytest.approx(ret)
+        assert b["discount"][i].item() == pytest.approx(gamma**k)
+        assert int(b["next_obs"][i]) == t + k + 100 * env  # bootstrap from the last step summed
+        assert bool(b["terminated"][i]) == bool(done[t + k - 1, env])
 train, checkpoint = SAC.train, SAC.checkpoint
 
 
