@@ -118,8 +118,9 @@ class Args:
     """whether to tune alpha towards target_entropy (off, as in sac_residual.py)"""
     target_entropy: float = -7.0
     """the entropy target (per action; -action_dim is the usual choice)"""
-    residual_l2: float = 1.0
-    """weight of an L2 penalty on the residual's mean action in the actor loss (stay on the base unless sure)"""
+    residual_l2: float = 0.1
+    """weight of an L2 penalty on the residual's (tanh) mean action in the actor loss (stay on the base unless sure;
+    sac_residual.py's measured default)"""
     init_std: float = 0.2
     """initial std of the residual's pre-tanh Gaussian"""
     layer_norm: bool = True
@@ -246,13 +247,20 @@ class ReplayBuffer:
         return {k: v[idx] for k, v in self.data.items()}
 
     def state_dict(self):
-        """The stored transitions, oldest first."""
-        order = torch.arange(self.ptr, self.ptr + self.size) % self.size if self.full else torch.arange(self.ptr)
-        return dict(ptr=self.ptr, full=self.full, data={k: v[order.to(v.device)].cpu() for k, v in self.data.items()})
+        """The stored rows in place (a resumed buffer samples the very same transitions) and the write position."""
+        high = self.size if self.full else self.ptr
+        return dict(ptr=self.ptr, full=self.full, data={k: v[:high].cpu() for k, v in self.data.items()})
 
     def load_state_dict(self, state):
+        n = len(state["data"]["obs"])
+        if n == self.size or (n < self.size and not state["full"]):  # same layout
+            for k, v in state["data"].items():
+                self.data[k][:n] = v.to(self.data[k].device)
+            self.ptr, self.full = state["ptr"] % self.size, n == self.size
+            return
+        order = (torch.arange(n) + (state["ptr"] if state["full"] else 0)) % n  # resized: oldest first
         self.ptr, self.full = 0, False
-        self.add(**{k: v[-self.size :].to(self.data[k].device) for k, v in state["data"].items()})
+        self.add(**{k: v[order][-self.size :].to(self.data[k].device) for k, v in state["data"].items()})
 
 
 # ------------------------------------------------------------------------------------------------------------------

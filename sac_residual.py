@@ -93,7 +93,7 @@ class Args:
     # algorithm
     gamma: float = 0.95
     """the discount factor (100-step episodes, and success ends the episode)"""
-    n_step: int = 1
+    n_step: int = 5
     """n-step returns for the critic's target (1: plain TD). Success comes a few steps after the lateral correction
     that causes it; n steps carry it back n times faster, at the price of the behaviour policy's bias"""
     tau: float = 0.01
@@ -126,9 +126,11 @@ class Args:
     residual drifted to saturation, undoing the base (success 0.38 -> 0.00-0.26), while a fixed small alpha held"""
     target_entropy: float = -7.0
     """the entropy target (per action; -action_dim is the usual choice)"""
-    residual_l2: float = 1.0
-    """weight of an L2 penalty on the residual's mean action in the actor loss: stay on the base unless the critic
-    is sure; without it the actor follows the critic's extrapolation away from the base's actions"""
+    residual_l2: float = 0.1
+    """weight of an L2 penalty on the residual's (tanh) mean action in the actor loss: stay on the base unless the
+    critic is sure. Measured on `coarse` with task features: 1.0 held the base and learned nothing in 50k steps (the
+    needed correction is near the bound, and 1.0 per dimension outweighs the critic's gain); 0.01 let the residual
+    undo the base (0.38 -> 0.10 at 25k); 0.1 with --n-step 5 learned (benchmarks/results/sac_residual_curve.json)"""
     init_std: float = 0.2
     """initial std of the residual's pre-tanh Gaussian: small exploration around the base"""
     layer_norm: bool = True
@@ -250,13 +252,20 @@ class ReplayBuffer:
         return b
 
     def state_dict(self):
-        """The stored transitions, oldest first."""
-        order = torch.arange(self.ptr, self.ptr + self.size) % self.size if self.full else torch.arange(self.ptr)
-        return dict(ptr=self.ptr, full=self.full, data={k: v[order.to(v.device)].cpu() for k, v in self.data.items()})
+        """The stored rows in place (a resumed buffer samples the very same transitions) and the write position."""
+        high = self.size if self.full else self.ptr
+        return dict(ptr=self.ptr, full=self.full, data={k: v[:high].cpu() for k, v in self.data.items()})
 
     def load_state_dict(self, state):
+        n = len(state["data"]["obs"])
+        if n == self.size or (n < self.size and not state["full"]):  # same layout
+            for k, v in state["data"].items():
+                self.data[k][:n] = v.to(self.data[k].device)
+            self.ptr, self.full = state["ptr"] % self.size, n == self.size
+            return
+        order = (torch.arange(n) + (state["ptr"] if state["full"] else 0)) % n  # resized: oldest first
         self.ptr, self.full = 0, False
-        self.add(**{k: v[-self.size :].to(self.data[k].device) for k, v in state["data"].items()})
+        self.add(**{k: v[order][-self.size :].to(self.data[k].device) for k, v in state["data"].items()})
 
 
 if __name__ == "__main__":

@@ -47,6 +47,11 @@ def test_n_step_returns_match_a_plain_loop(n_step):
         assert b["discount"][i].item() == pytest.approx(gamma**k)
         assert int(b["next_obs"][i]) == t + k + 100 * env  # bootstrap from the last step summed
         assert bool(b["terminated"][i]) == bool(done[t + k - 1, env])
+    resumed = ReplayBuffer(8, 1, 1, E, "cpu")
+    resumed.load_state_dict(rb.state_dict())
+    torch.manual_seed(0)
+    again = resumed.sample(500, n_step, gamma)
+    assert all(torch.equal(b[k], again[k]) for k in b)  # a restored (full, wrapped) buffer samples the very same
 train, checkpoint = SAC.train, SAC.checkpoint
 
 
