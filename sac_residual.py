@@ -130,7 +130,8 @@ class Args:
     """weight of an L2 penalty on the residual's (tanh) mean action in the actor loss: stay on the base unless the
     critic is sure. Measured on `coarse` with task features: 1.0 held the base and learned nothing in 50k steps (the
     needed correction is near the bound, and 1.0 per dimension outweighs the critic's gain); 0.01 let the residual
-    undo the base (0.38 -> 0.10 at 25k); 0.1 with --n-step 5 learned (benchmarks/results/sac_residual_curve.json)"""
+    undo the base (0.38 -> 0.10 at 25k) (benchmarks/results/logs/sac_residual_probe_l2_*.log); 0.1 with --n-step 5
+    learned (benchmarks/results/sac_residual_curve.json)"""
     init_std: float = 0.2
     """initial std of the residual's pre-tanh Gaussian: small exploration around the base"""
     layer_norm: bool = True
