@@ -161,7 +161,7 @@ class Args:
     """whether to torch.compile the update and policy functions"""
     threads: int = 1
     """torch threads of the learner when it runs on the CPU: the env workers are processes of their own, and a second
-    learner thread that fights them for the cores made small-batch updates several times slower on 2 cores"""
+    learner thread that fights them for 2 cores made an update 2.3x slower (python benchmarks/update_threads.py)"""
 
     # runtime
     log_freq: int = 2_000

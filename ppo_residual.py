@@ -132,7 +132,7 @@ class Args:
     """whether to torch.compile the update and policy functions"""
     threads: int = 1
     """torch threads of the learner when it runs on the CPU: the env workers are processes of their own, and a second
-    learner thread that fights them for the cores made small-batch updates several times slower on 2 cores"""
+    learner thread that fights them for 2 cores made an update 2.3x slower (python benchmarks/update_threads.py)"""
 
 
 ARCH_ARGS = ("env_id", "control_mode", "residual_scale", "residual_sees_base", "task_features",
@@ -253,7 +253,8 @@ if __name__ == "__main__":
 
         def rl_obs(state, a_base):
             """s_RL = [normalised (s, task features), a_base] (a_base is already in [-1, 1])."""
-            s = obs_rms.normalize(common.residual_state(state, args.task_features)) if args.norm_obs else state
+            s = common.residual_state(state, args.task_features)
+            s = obs_rms.normalize(s) if args.norm_obs else s
             return torch.cat([s, a_base], -1) if args.residual_sees_base else s
 
         def deterministic_residual(obs, a_base):

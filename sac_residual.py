@@ -144,7 +144,7 @@ class Args:
     """whether to torch.compile the update and policy functions"""
     threads: int = 1
     """torch threads of the learner when it runs on the CPU: the env workers are processes of their own, and a second
-    learner thread that fights them for the cores made small-batch updates several times slower on 2 cores"""
+    learner thread that fights them for 2 cores made an update 2.3x slower (python benchmarks/update_threads.py)"""
 
     # runtime
     log_freq: int = 2_000
@@ -321,7 +321,7 @@ if __name__ == "__main__":
         qf1_target.load_state_dict(qf1.state_dict()), qf2_target.load_state_dict(qf2.state_dict())
         online_params = list(qf1.parameters()) + list(qf2.parameters())
         target_params = list(qf1_target.parameters()) + list(qf2_target.parameters())  # loaded in place on resume
-        q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
+        q_optimizer = torch.optim.Adam(online_params, lr=args.q_lr)
         actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
         log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=True)
         a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
