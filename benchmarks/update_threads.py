@@ -11,15 +11,23 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
+import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 from sac_residual import Actor, SoftQNetwork  # noqa: E402
 
 
-def update_ms(threads, rounds=100):
+@dataclass
+class Args:
+    rounds: int = 100
+    """timed updates per thread count"""
+
+
+def update_ms(threads, rounds):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     obs_dim, act_dim = common.STATE_DIM + common.TASK_FEATURE_DIM + 7, 7
@@ -47,7 +55,7 @@ def update_ms(threads, rounds=100):
     return (time.perf_counter() - t0) / rounds * 1000
 
 
-def main():
+def main(args: Args):
     envs = common.make_env(2, "physx_cpu", seed=0)
     envs.reset(seed=0)
     stop = threading.Event()
@@ -59,7 +67,7 @@ def main():
     stepper = threading.Thread(target=step_envs)
     stepper.start()
     try:
-        result = {f"ms_per_update_{n}_threads": update_ms(n) for n in (1, 2, 1, 2)}  # interleaved, last of each kept
+        result = {f"ms_per_update_{n}_threads": update_ms(n, args.rounds) for n in (1, 2, 1, 2)}  # interleaved, last of each kept
     finally:
         stop.set(), stepper.join(), envs.close()
     result.update(device=f"CPU, {os.cpu_count()} cores", command="python benchmarks/update_threads.py")
@@ -69,4 +77,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(tyro.cli(Args))
