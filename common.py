@@ -205,9 +205,9 @@ class TaskWrapper(gym.Wrapper):
 class _CPUWorker(gym.Wrapper):
     """One physx_cpu env in its own process: numpy, unbatched, as gymnasium's AsyncVectorEnv expects."""
 
-    def __init__(self, env, ignore_terminations: bool):
+    def __init__(self, env, ignore_terminations: bool, info_keys: tuple = ()):
         super().__init__(env)
-        self.ignore_terminations = ignore_terminations
+        self.ignore_terminations, self.info_keys = ignore_terminations, tuple(info_keys)
         self.observation_space = env.single_observation_space
         self.action_space = env.single_action_space
 
@@ -218,7 +218,7 @@ class _CPUWorker(gym.Wrapper):
     def step(self, action):
         t0 = time.perf_counter()
         obs, reward, terminated, truncated, info = self.env.step(torch.as_tensor(action)[None])
-        keep = ["success"] + [k for k in info if k.startswith("reward/")]
+        keep = ["success"] + [k for k in info if k.startswith("reward/")] + list(self.info_keys)
         info = {k: info[k][0].item() for k in keep}
         info["sim_time"] = time.perf_counter() - t0
         terminated = False if self.ignore_terminations else bool(terminated[0])
@@ -227,7 +227,7 @@ class _CPUWorker(gym.Wrapper):
 
 
 def _make_maniskill(env_id, num_envs, sim_backend, control_mode, images, camera_size, reward, reward_cfg, reconf,
-                    record_dir=None, video_dir=None, rank=0):
+                    record_dir=None, video_dir=None, wrapper=None, env_kwargs=None, rank=0):
     kwargs = dict(
         num_envs=num_envs,
         obs_mode="state+rgb" if images else "state",
@@ -244,7 +244,7 @@ def _make_maniskill(env_id, num_envs, sim_backend, control_mode, images, camera_
         kwargs["sensor_configs"] = dict(width=camera_size, height=camera_size)
     if video_dir:
         kwargs["render_mode"] = "rgb_array"
-    env = gym.make(env_id, **kwargs)
+    env = gym.make(env_id, **kwargs, **(env_kwargs or {}))
     if record_dir or video_dir:
         from mani_skill.utils.wrappers.record import RecordEpisode
 
@@ -254,15 +254,16 @@ def _make_maniskill(env_id, num_envs, sim_backend, control_mode, images, camera_
         if video_dir:
             env = RecordEpisode(env, video_dir, save_trajectory=False, video_fps=20, max_steps_per_video=None,
                                 trajectory_name=f"env{rank}")
-    return TaskWrapper(env, reward, reward_cfg, images)
+    env = TaskWrapper(env, reward, reward_cfg, images)
+    return wrapper(env) if wrapper else env
 
 
-def _cpu_worker(ignore_terminations, make_kwargs, rank):
+def _cpu_worker(ignore_terminations, info_keys, make_kwargs, rank):
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training script's to handle (it saves, then closes us)
     torch.set_num_threads(1)  # one core per simulator process: two envs use both cores of a 2-core machine
-    return _CPUWorker(_make_maniskill(**make_kwargs, rank=rank), ignore_terminations)
+    return _CPUWorker(_make_maniskill(**make_kwargs, rank=rank), ignore_terminations, info_keys)
 
 
 class VecEnv:
@@ -274,15 +275,18 @@ class VecEnv:
     step() is step_async() then step_wait(): on the CPU back end the worker processes simulate between the two, so a
     learner can run its update meanwhile. `sim_time` adds up the simulator's own time per step (CPU: the slowest
     worker's env.step; GPU: the step call), the "raw env steps/s" that training throughput is measured against.
+    `info_keys` are further per-step scalars of the simulator's info passed through as floats; those also in
+    `episode_keys` join info["episode"] with their value at the episode's last step.
     """
 
     def __init__(self, env_id, num_envs, sim_backend, control_mode, images, camera_size, reward, reward_cfg, eval_mode,
-                 seed, reconfiguration_freq, record_dir=None, video_dir=None):
+                 seed, reconfiguration_freq, record_dir=None, video_dir=None, wrapper=None, info_keys=(),
+                 episode_keys=(), env_kwargs=None):
         self.num_envs, self.seed = num_envs, seed
         self.gpu = sim_backend == "physx_cuda"
         make_kwargs = dict(env_id=env_id, sim_backend=sim_backend, control_mode=control_mode, images=images,
                            camera_size=camera_size, reward=reward, reward_cfg=reward_cfg, reconf=reconfiguration_freq,
-                           record_dir=record_dir, video_dir=video_dir)
+                           record_dir=record_dir, video_dir=video_dir, wrapper=wrapper, env_kwargs=env_kwargs)
         if self.gpu:
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
@@ -293,7 +297,8 @@ class VecEnv:
             self.max_episode_steps = env.unwrapped.max_episode_steps
         else:
             fns = [
-                functools.partial(_cpu_worker, eval_mode, dict(make_kwargs, num_envs=1), i) for i in range(num_envs)
+                functools.partial(_cpu_worker, eval_mode, info_keys, dict(make_kwargs, num_envs=1), i)
+                for i in range(num_envs)
             ]
             self.envs = gym.vector.AsyncVectorEnv(
                 fns, context="spawn", autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
@@ -305,7 +310,9 @@ class VecEnv:
         self.action_dim = self.single_action_space.shape[0]
         self.state_dim = self.single_observation_space["state"].shape[0]
         self.images, self.control_mode = images, control_mode
-        self._info_keys = ["success"] + ([f"reward/{t}" for t in REWARD_TERMS] if reward == "staged" else [])
+        self._info_keys = (["success"] + ([f"reward/{t}" for t in REWARD_TERMS] if reward == "staged" else [])
+                           + list(info_keys))
+        self._episode_keys = tuple(episode_keys)
         self._returns = torch.zeros(num_envs, device=self.device)
         self._lengths = torch.zeros(num_envs, dtype=torch.long, device=self.device)
         self._success_once = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
@@ -372,7 +379,7 @@ class VecEnv:
             self._returns + reward, self._lengths + 1, self._success_once | success)
         out["success"], out["final_obs"] = success, final_obs
         out["episode"] = {"return": self._returns, "episode_len": self._lengths, "success_once": self._success_once,
-                          "success_at_end": success}
+                          "success_at_end": success, **{k: out[k] for k in self._episode_keys}}
         live = ~done
         self._returns, self._lengths, self._success_once = (
             self._returns * live, self._lengths * live, self._success_once & live)
@@ -409,6 +416,10 @@ def make_env(
     reconfiguration_freq: Optional[int] = None,
     record_dir: Optional[str] = None,
     video_dir: Optional[str] = None,
+    wrapper: Optional[Callable[[gym.Env], gym.Env]] = None,
+    info_keys: tuple[str, ...] = (),
+    episode_keys: tuple[str, ...] = (),
+    env_kwargs: Optional[dict] = None,
 ) -> VecEnv:
     """Train (`eval_mode=False`: partial resets, episodes end on success) or eval envs (ManiSkill's protocol:
     reconfigure every episode, no early termination, so success_at_end means what it says).
@@ -416,7 +427,10 @@ def make_env(
     Peg and box sizes change only on reconfiguration. GPU train envs keep ManiSkill's default of never
     reconfiguring (num_envs different geometries); CPU train envs reconfigure every 10th episode, as one rebuild
     costs about as much as 25 steps. `record_dir` records every episode in ManiSkill's trajectory format (one file
-    per CPU env; see keep_successful_trajectories), `video_dir` saves a video per episode.
+    per CPU env; see keep_successful_trajectories), `video_dir` saves a video per episode. `wrapper(env)` wraps each
+    simulator (batched torch, inside the worker process on the CPU back end, so it must pickle): a script's own
+    reward term or measurement, reporting through `info_keys` / `episode_keys` (see VecEnv). `env_kwargs` go to
+    gym.make as they are (e.g. camera configs).
     """
     if reward not in ("staged", "normalized_dense", "sparse"):
         raise ConfigError(f"unknown --reward {reward!r}: choose staged, normalized_dense or sparse")
@@ -433,7 +447,8 @@ def make_env(
     if reconfiguration_freq is None:
         reconfiguration_freq = 1 if eval_mode else (0 if backend == "physx_cuda" else 10)
     return VecEnv(env_id, num_envs, backend, control_mode, images, camera_size, reward,
-                  reward_cfg or StagedRewardConfig(), eval_mode, seed, reconfiguration_freq, record_dir, video_dir)
+                  reward_cfg or StagedRewardConfig(), eval_mode, seed, reconfiguration_freq, record_dir, video_dir,
+                  wrapper, info_keys, episode_keys, env_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -612,7 +627,9 @@ class ExpertBase(BasePolicy):
 
     @dataclass
     class Config:
-        grasp_off: float = 0.065  # grasp >= this far behind the peg centre (camera clearance), and >= L/2
+        grasp_off: float = 0.065  # grasp >= this far behind the peg centre (camera clearance), and ...
+        grasp_frac: float = 0.5  # ... >= this fraction of the half length L (0.5: the tail half's middle). A base
+        # that takes the wrong part, e.g. coarse:grasp_frac=-0.3,grasp_off=-1 grasps 0.3 L ahead of the centre
         reach: float = 0.785  # max horizontal grasp-point distance from the robot base (CPU IK limit)
         hover: float = 0.05  # approach height above the grasp point while still turning
         standoff: float = 0.04  # the head waits this far in front of the box face until aligned
@@ -668,7 +685,7 @@ class ExpertBase(BasePolicy):
         # grasp: top-down, TCP x along the peg axis, s behind the peg centre on the tail half; s is pulled towards
         # the centre (never past 0.3 L) when the tail end is out of reach: largest s with |p_peg - s u - base|_xy
         # <= reach
-        s = torch.maximum(0.5 * L, torch.full_like(L, P.grasp_off))
+        s = torch.maximum(P.grasp_frac * L, torch.full_like(L, P.grasp_off))
         dxy, uxy = (p_peg - torch.tensor(self.ROBOT_BASE, device=dev))[:, :2], u[:, :2]
         du, uu = (dxy * uxy).sum(-1, keepdim=True), (uxy * uxy).sum(-1, keepdim=True)
         disc = (du**2 - uu * ((dxy * dxy).sum(-1, keepdim=True) - P.reach**2)).clamp(min=0)
@@ -741,6 +758,8 @@ class CoarseBase(BasePolicy):
         chunk: int = 4  # steps per open-loop chunk
         action_noise: float = 0.02
         track_frac: float = 0.35  # fraction of a commanded delta the arm achieves per step
+        grasp_off: float = 0.065  # where its expert grasps the peg (see ExpertBase.Config)
+        grasp_frac: float = 0.5
 
     def __init__(self, num_envs, device, seed=0, **config):
         self.cfg, self.device = self.Config(**config), torch.device(device)
@@ -750,7 +769,8 @@ class CoarseBase(BasePolicy):
         # the expert plans `chunk` steps ahead per query, so its per-step leads scale with the chunk
         lead = ExpertBase.Config()
         self.expert = ExpertBase(num_envs, device, v_insert=lead.v_insert * self.cfg.chunk,
-                                 v_entry=lead.v_entry * self.cfg.chunk)
+                                 v_entry=lead.v_entry * self.cfg.chunk, grasp_off=self.cfg.grasp_off,
+                                 grasp_frac=self.cfg.grasp_frac)
         self.gen = torch.Generator().manual_seed(seed)
         self._init_caches(num_envs)
 

@@ -108,6 +108,10 @@ def main(args: Args, extra: list[str]):
                 final_sps_over_env_sps=ratio[-1][1] if ratio else None,
                 # evaluation time up to the last SPS log (older runs counted it in their SPS)
                 eval_s=sum(v for s, v in read_scalars(run_dir, "time/eval") if sps and s < sps[-1][0]),
+                # where the gripper grasps the peg (affordance_ppo.py logs these; empty for the other scripts)
+                **{key.replace("/", "_"): read_scalars(run_dir, key) for key in (
+                    "eval/grasp_tail_frac", "eval/grasp_rate", "eval_base/grasp_tail_frac", "train/grasp_tail_frac",
+                    "reward/affordance")},
             ))
             plot(results, out, args.target)
 

@@ -161,6 +161,21 @@ def test_coarse_is_seeded_and_resets_per_env():
     assert (base.hole_dp[:, 0] == 0).all() and (base.hole_dp[:, 1:] != 0).all()
 
 
+def test_grasp_point_options_move_the_grasp_along_the_peg(sim):
+    """Default: the tail (>= L/2 behind the centre); coarse:grasp_frac=-0.3,grasp_off=-1: 0.3 L ahead, on the head."""
+    obs, _ = sim.reset(seed=0)
+    state = obs["state"]
+    R_peg = common.quaternion_to_matrix(state[:, common.PEG_POSE][:, 3:])
+    L = state[:, common.PEG_HALF_SIZE][:, 0]
+    envs = fake_envs(num_envs=1, images=False)
+    for spec, along in [("coarse", -max(0.5 * L.item(), 0.065)),
+                        ("coarse:grasp_frac=-0.3,grasp_off=-1", 0.3 * L.item())]:
+        base = common.make_base_policy(spec, envs)
+        pos, _, _ = base.expert.target(state)  # hovering above the grasp point (the peg lies flat)
+        x = ((pos - state[:, common.PEG_POSE][:, :3]) * R_peg[:, :, 0]).sum(-1).item()
+        assert x == pytest.approx(along, abs=1e-5), spec
+
+
 def test_coarse_chunks_hold_the_plan_between_queries():
     envs = fake_envs(num_envs=1, images=False)
     obs = fake_obs(1)
