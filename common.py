@@ -66,6 +66,85 @@ STATE_DIM = 43
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# A variant with a hole the policy cannot see (paper section 3.1)
+# ----------------------------------------------------------------------------------------------------------------------
+HIDDEN_ENV_ID = "PegInsertionSideHidden-v1"
+CONTACT_FORCE = slice(43, 46)  # the hidden variant's extra state: the peg-box contact force (N, world frame)
+
+
+def _register_hidden_variant():
+    import sapien
+    from mani_skill.envs.tasks.tabletop.peg_insertion_side import PegInsertionSideEnv
+    from mani_skill.utils.registration import register_env
+    from mani_skill.utils.structs import Actor, Pose
+
+    @register_env(HIDDEN_ENV_ID, max_episode_steps=200)
+    class PegInsertionSideHiddenEnv(PegInsertionSideEnv):
+        """PegInsertionSide-v1 with the hole behind an opaque panel and only a noisy estimate of it in the state.
+
+        The state's box_hole_pose is the hole's pose moved by `hole_offset` = (min, max) metres (uniform radius,
+        uniform direction) within the box face, drawn per episode; the true pose decides success and pays the staged
+        reward (privileged_state), never reaches a policy. A visual-only panel covers the box face, so a camera sees
+        the panel, not the hole (the peg passes through it). The state gains the peg-box contact force (3 values,
+        newtons): the "force or tactile feedback" a search strategy can use. Episodes last 200 steps (time to search).
+        """
+
+        def __init__(self, *args, hole_offset=(0.01, 0.02), **kwargs):
+            self.hole_offset = hole_offset
+            super().__init__(*args, **kwargs)
+
+        def _load_scene(self, options: dict):
+            super()._load_scene(options)
+            panels = []
+            for i in range(self.num_envs):  # one per env: each box has its own size (2L x 2L face)
+                L = float(self.peg_half_sizes[i, 0])
+                builder = self.scene.create_actor_builder()
+                builder.add_box_visual(half_size=[0.001, L, L], material=sapien.render.RenderMaterial(
+                    base_color=[0.45, 0.45, 0.45, 1.0], roughness=0.8))
+                builder.initial_pose = sapien.Pose(p=[0, 1, 0.1])
+                builder.set_scene_idxs([i])
+                panels.append(builder.build_kinematic(f"panel_{i}"))
+                self.remove_from_state_dict_registry(panels[-1])
+            self.panel = Actor.merge(panels, "panel")
+            self.add_to_state_dict_registry(self.panel)
+            self.hole_estimate_offsets = torch.zeros(self.num_envs, 3, device=self.device)
+
+        def _initialize_episode(self, env_idx: torch.Tensor, options: dict):
+            super()._initialize_episode(env_idx, options)
+            with torch.device(self.device):
+                b = len(env_idx)
+                lo, hi = self.hole_offset
+                r = lo + (hi - lo) * torch.rand(b)
+                angle = 2 * np.pi * torch.rand(b)
+                self.hole_estimate_offsets[env_idx] = torch.stack(
+                    [torch.zeros(b), r * torch.cos(angle), r * torch.sin(angle)], -1)
+                face = torch.zeros(b, 3)
+                face[:, 0] = -self.peg_half_sizes[env_idx, 0] - 0.0015  # just in front of the face the peg enters
+                self.panel.set_pose(self.box.pose[env_idx] * Pose.create_from_pq(p=face))
+
+        @property
+        def hole_estimate_pose(self):
+            return self.box_hole_pose * Pose.create_from_pq(p=self.hole_estimate_offsets)
+
+        def privileged_state(self, state: torch.Tensor) -> torch.Tensor:
+            """The state with the true hole pose in place of the estimate (for the reward, never for a policy)."""
+            state = state.clone()
+            state[:, HOLE_POSE] = self.box_hole_pose.raw_pose.to(state.device)
+            return state
+
+        def _get_obs_extra(self, info: dict):
+            obs = super()._get_obs_extra(info)
+            if self.obs_mode_struct.use_state:
+                obs["box_hole_pose"] = self.hole_estimate_pose.raw_pose
+                obs["box_hole_radius"] = self.box_hole_radii
+                obs["peg_box_force"] = self.scene.get_pairwise_contact_forces(self.peg, self.box)
+            return obs
+
+
+_register_hidden_variant()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Staged reward (paper section 2.3)
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -153,6 +232,8 @@ def staged_reward_terms(state, tail_contact, success, cfg) -> dict[str, torch.Te
 def staged_reward(env, state: torch.Tensor, info: dict, cfg: StagedRewardConfig) -> dict[str, torch.Tensor]:
     """The staged reward of a (batched) PegInsertionSide env: poses from its state observation, contact from the
     simulator's finger-peg forces (both fingers press on the peg, on its tail (-x) half)."""
+    if hasattr(env, "privileged_state"):  # a variant whose state holds only an estimate of the hole
+        state = env.privileged_state(state)
     peg, tcp_p = state[:, PEG_POSE], state[:, TCP_POSE][:, :3]
     tcp_in_peg_x = (quaternion_to_matrix(peg[:, 3:])[:, :, 0] * (tcp_p - peg[:, :3])).sum(-1)
     tail_contact = env.agent.is_grasping(env.peg) & (tcp_in_peg_x < 0)

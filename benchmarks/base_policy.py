@@ -1,8 +1,9 @@
 """Evaluate a frozen base policy alone on ManiSkill's protocol and print one JSON line.
 
     python benchmarks/base_policy.py --base coarse --num-episodes 200 --seed 0
+    python benchmarks/base_policy.py --base expert --env-id PegInsertionSideHidden-v1 --num-episodes 100
 
-Writes the same JSON to benchmarks/results/base_policy_<base>.json (change with --out, '' to skip).
+Writes the same JSON to benchmarks/results/base_policy_<base>[_<env id>].json (change with --out, 'none' to skip).
 """
 
 import json
@@ -22,6 +23,8 @@ import common  # noqa: E402
 class Args:
     base: str = "coarse"
     """the frozen base: pi0:<hub id or folder>, expert, coarse[:key=value,...] or zero"""
+    env_id: str = common.ENV_ID
+    """the task: PegInsertionSide-v1, or PegInsertionSideHidden-v1 (the hole behind a panel, a noisy estimate)"""
     num_episodes: int = 200
     """episodes to evaluate (full length, ManiSkill's eval protocol)"""
     seed: int = 0
@@ -39,7 +42,7 @@ def main(args: Args):
         raise common.ConfigError(f"--num-episodes must be >= 1, got {args.num_episodes}")
     backend = common.resolve_sim_backend(args.sim_backend)
     num_envs = args.num_envs or (100 if backend == "physx_cuda" else 2)
-    envs = common.make_env(num_envs, backend, eval_mode=True, seed=args.seed,
+    envs = common.make_env(num_envs, backend, env_id=args.env_id, eval_mode=True, seed=args.seed,
                            images=common.base_needs_images(args.base))
     try:
         base = common.make_base_policy(args.base, envs, seed=args.seed)
@@ -51,6 +54,7 @@ def main(args: Args):
     episodes_run = -(-args.num_episodes // num_envs) * num_envs
     result = dict(
         base=args.base,
+        env_id=args.env_id,
         num_episodes=args.num_episodes,
         seed=args.seed,
         sim_backend=backend,
@@ -64,7 +68,8 @@ def main(args: Args):
         device=torch.cuda.get_device_name() if backend == "physx_cuda" else f"CPU, {os.cpu_count()} cores",
     )
     print(json.dumps(result))
-    out = args.out or f"benchmarks/results/base_policy_{args.base.split(':')[0]}.json"
+    suffix = "" if args.env_id == common.ENV_ID else f"_{args.env_id}"
+    out = args.out or f"benchmarks/results/base_policy_{args.base.split(':')[0]}{suffix}.json"
     if out != "none":
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:

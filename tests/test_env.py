@@ -2,6 +2,7 @@
 
 import time
 
+import gymnasium as gym
 import pytest
 import torch
 
@@ -93,3 +94,61 @@ def test_gpu_vector_env_steps():
     assert obs["state"].shape == (16, common.STATE_DIM) and obs["state"].is_cuda
     assert set(info) >= {"final_obs", "episode", "success", "reward/grasp"}
     envs.close()
+
+
+@pytest.fixture(scope="module")
+def hidden():
+    env = common._make_maniskill(
+        env_id=common.HIDDEN_ENV_ID, num_envs=1, sim_backend="physx_cpu", control_mode="pd_ee_delta_pose",
+        images=False, camera_size=64, reward="staged", reward_cfg=common.StagedRewardConfig(), reconf=1)
+    yield env
+    env.close()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hidden_variant_gives_only_an_estimate_of_the_hole(hidden, seed):
+    obs, _ = hidden.reset(seed=seed)
+    u, state = hidden.unwrapped, obs["state"]
+    assert state.shape == (1, common.STATE_DIM + 3) and gym.spec(common.HIDDEN_ENV_ID).max_episode_steps == 200
+    R = common.quaternion_to_matrix(u.box_hole_pose.q)[0]
+    offset = (state[0, common.HOLE_POSE][:3] - u.box_hole_pose.p[0]) @ R  # in the hole frame
+    assert abs(offset[0]) < 1e-6 and 0.01 - 1e-6 <= offset[1:].norm() <= 0.02 + 1e-6  # 1-2 cm off, in the face
+    assert torch.equal(state[0, common.HOLE_POSE][3:], u.box_hole_pose.q[0])
+    # the reward (and success) use the true hole; the policy's state does not hold it
+    truth = u.privileged_state(state)
+    assert torch.equal(truth[:, common.HOLE_POSE], u.box_hole_pose.raw_pose)
+    assert not torch.equal(truth[:, common.HOLE_POSE], state[:, common.HOLE_POSE])
+    assert (state[:, common.CONTACT_FORCE] == 0).all()  # nothing touches the box yet
+
+
+def test_hidden_variant_camera_sees_the_panel_not_the_hole(hidden):
+    hidden.reset(seed=3)
+    u = hidden.unwrapped
+    cam = u.scene.sensors["base_camera"]
+    u.scene.update_render(update_sensors=True, update_human_render_cameras=False)
+    cam.capture()
+    seg = cam.get_obs(rgb=False, depth=False, position=False, segmentation=True)["segmentation"][0, ..., 0]
+    p = cam.get_params()
+    L = u.peg_half_sizes[0, 0]
+    R = common.quaternion_to_matrix(u.box_hole_pose.q)[0]
+    entrance = u.box_hole_pose.p[0] - L * R[:, 0]  # the hole's mouth on the box face
+    uv = p["intrinsic_cv"][0] @ (p["extrinsic_cv"][0, :, :3] @ entrance + p["extrinsic_cv"][0, :, 3])
+    col, row = int(uv[0] / uv[2]), int(uv[1] / uv[2])
+    assert 0 <= row < seg.shape[0] and 0 <= col < seg.shape[1]
+    assert int(seg[row, col]) == int(u.panel.per_scene_id[0])
+
+
+def test_hidden_variant_reports_peg_box_contact(hidden):
+    from mani_skill.utils.structs.pose import Pose
+
+    hidden.reset(seed=0)
+    u = hidden.unwrapped
+    # drop the peg onto the top of the box: it rests there, pressing on the box
+    top = u.box.pose.p.clone()
+    top[:, 2] += u.peg_half_sizes[:, 0] + u.peg_half_sizes[:, 1] + 0.002
+    u.peg.set_pose(Pose.create_from_pq(top, u.peg.pose.q))
+    forces = []
+    for _ in range(10):
+        obs, *_ = hidden.step(torch.zeros(1, 7))
+        forces.append(obs["state"][0, common.CONTACT_FORCE].norm())
+    assert max(forces) > 0.1, forces
