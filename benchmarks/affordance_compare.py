@@ -19,6 +19,9 @@ The runs themselves (CPU, one seed each, 100 eval episodes per point):
 
 import json
 import os
+from dataclasses import dataclass
+
+import tyro
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CURVES = [  # (label, file, colour, line style)
@@ -29,7 +32,13 @@ CURVES = [  # (label, file, colour, line style)
 ]
 
 
-def main():
+@dataclass
+class Args:
+    out: str = os.path.join(RESULTS, "affordance_compare.png")
+    """where the plot goes"""
+
+
+def main(args: Args):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,10 +66,9 @@ def main():
     fig.suptitle("Affordance reward on PegInsertionSide-v1: CPU, 2 envs, 1 seed per curve, 100 eval episodes per point",
                  fontsize=9)
     fig.tight_layout()
-    out = os.path.join(RESULTS, "affordance_compare.png")
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    main(tyro.cli(Args))
