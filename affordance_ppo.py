@@ -177,8 +177,8 @@ ARCH_ARGS = ("env_id", "control_mode", "residual_scale", "residual_sees_base", "
 EPISODE_KEYS = ("return", "episode_len", "success_once", "success_at_end")
 GRASP_KEYS = ("grasp/grasped", "grasp/on_tail", "grasp/tail_dist")
 CLIPSEG_DEFAULT = "CIDAS/clipseg-rd64-refined"
-AFF_CAMERA = "render_camera"  # the task's fixed third-person camera: its sensor camera misses the peg in ~1/4 of
-# the scenes (pegs spawn almost under it); a camera on the arm would need its pose every step
+AFF_CAMERA = "render_camera"  # the task's fixed third-person camera: its sensor camera looks over the peg's spawn
+# area at the box, and pegs spawning almost under it fall out of view; a camera on the arm would need its pose per step
 
 
 # ----------------------------------------------------------------------------------------------------------------------

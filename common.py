@@ -299,7 +299,7 @@ class _CPUWorker(gym.Wrapper):
     def step(self, action):
         t0 = time.perf_counter()
         obs, reward, terminated, truncated, info = self.env.step(torch.as_tensor(action)[None])
-        keep = ["success"] + [k for k in info if k.startswith("reward/")] + list(self.info_keys)
+        keep = ["success"] + [k for k in info if k.startswith("reward/") or k in self.info_keys]
         info = {k: info[k][0].item() for k in keep}
         info["sim_time"] = time.perf_counter() - t0
         terminated = False if self.ignore_terminations else bool(terminated[0])
