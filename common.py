@@ -352,7 +352,8 @@ class VecEnv:
 
     step() returns (obs, reward, terminated, truncated, info). `info["final_obs"]` is the true next observation
     (the terminal one where an episode just ended, else equal to obs) for bootstrapping; where `terminated |
-    truncated`, `info["episode"]` holds that episode's return, episode_len, success_once and success_at_end.
+    truncated`, `info["episode"]` holds that episode's return, episode_len, success_once, success_at_end and
+    success_step (the step of its first success, NaN if none).
     step() is step_async() then step_wait(): on the CPU back end the worker processes simulate between the two, so a
     learner can run its update meanwhile. `sim_time` adds up the simulator's own time per step (CPU: the slowest
     worker's env.step; GPU: the step call), the "raw env steps/s" that training throughput is measured against.
@@ -397,6 +398,7 @@ class VecEnv:
         self._returns = torch.zeros(num_envs, device=self.device)
         self._lengths = torch.zeros(num_envs, dtype=torch.long, device=self.device)
         self._success_once = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
+        self._success_step = torch.full((num_envs,), torch.nan, device=self.device)
         self.sim_time, self._action = 0.0, None
 
     def reset(self, seed: Optional[int] = None, reconfigure: bool = False):
@@ -408,6 +410,7 @@ class VecEnv:
         seed = self.seed if seed is None else seed
         self._returns, self._lengths, self._success_once = (
             torch.zeros_like(self._returns), torch.zeros_like(self._lengths), torch.zeros_like(self._success_once))
+        self._success_step = torch.full_like(self._success_step, torch.nan)
         seeds = [seed + i for i in range(self.num_envs)]
         obs, _ = self.envs.reset(seed=seeds, options={"reconfigure": True} if reconfigure else None)
         return obs if self.gpu else {k: torch.from_numpy(v) for k, v in obs.items()}
@@ -456,14 +459,18 @@ class VecEnv:
         success = step_info.pop("success").bool()
         out = {k: v.float() for k, v in step_info.items()}
         # The running sums are replaced, not modified in place, so `episode` can hand out the old tensors as they are.
-        self._returns, self._lengths, self._success_once = (
-            self._returns + reward, self._lengths + 1, self._success_once | success)
+        self._returns, self._lengths = self._returns + reward, self._lengths + 1
+        # the step (1-based) of the episode's first success; NaN while it has not succeeded
+        self._success_step = torch.where(success & ~self._success_once, self._lengths.float(), self._success_step)
+        self._success_once = self._success_once | success
         out["success"], out["final_obs"] = success, final_obs
         out["episode"] = {"return": self._returns, "episode_len": self._lengths, "success_once": self._success_once,
-                          "success_at_end": success, **{k: out[k] for k in self._episode_keys}}
+                          "success_at_end": success, "success_step": self._success_step,
+                          **{k: out[k] for k in self._episode_keys}}
         live = ~done
         self._returns, self._lengths, self._success_once = (
             self._returns * live, self._lengths * live, self._success_once & live)
+        self._success_step = torch.where(live, self._success_step, torch.nan)
         return obs, reward, terminated, truncated, out
 
     def close(self):
@@ -1009,12 +1016,16 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean success_once, success_at_end, return and episode_len over `num_episodes` full-length episodes.
 
-    `residual(obs, a_base) -> a_res` (deterministic, in [-1, 1]); None evaluates the base alone. Envs and base are
+    `residual(obs, a_base) -> a_res` (deterministic, in [-1, 1]); None evaluates the base alone. A residual with
+    per-episode memory gives the callable a `reset(mask)` attribute, called as the base's is. Envs and base are
     reset with `seed` first, so every call sees the same episodes and base-vs-residual comparisons are paired.
     `trace`, a list, receives (a_base, a_res, done) per step, on the CPU (for keep_successful_trajectories).
+    `median_steps_to_success` is the median over the successful episodes of the step of their first success.
     """
     obs = envs.reset(seed=seed)
     base.reset(torch.ones(envs.num_envs, dtype=torch.bool, device=envs.device), seed=seed)
+    residual_reset = getattr(residual, "reset", lambda mask: None)
+    residual_reset(torch.ones(envs.num_envs, dtype=torch.bool, device=envs.device))
     stats: dict[str, list] = {}
     episodes = 0
     while episodes < num_episodes:
@@ -1026,10 +1037,13 @@ def evaluate(
             trace.append((a_base.cpu(), a_res.cpu(), done.cpu()))
         if done.any():
             base.reset(done)
+            residual_reset(done)
             episodes += int(done.sum())
             for k, v in info["episode"].items():
                 stats.setdefault(k, []).append(v[done].float().cpu())
-    out = {k: torch.cat(v)[:num_episodes].mean().item() for k, v in stats.items()}
+    out = {k: torch.cat(v)[:num_episodes].mean().item() for k, v in stats.items() if k != "success_step"}
+    # how long success took: the median over the episodes that succeeded (NaN if none did)
+    out["median_steps_to_success"] = torch.cat(stats["success_step"])[:num_episodes].nanmedian().item()
     out["episodes"] = num_episodes
     return out
 

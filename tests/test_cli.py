@@ -9,7 +9,7 @@ from conftest import run
 
 import common
 
-SCRIPTS = ["sac_residual.py", "ppo_residual.py", "mbrl_residual.py", "affordance_ppo.py"]
+SCRIPTS = ["sac_residual.py", "ppo_residual.py", "mbrl_residual.py", "affordance_ppo.py", "demo_explore_sac.py"]
 
 
 def assert_one_line_error(out, message):

@@ -1,0 +1,151 @@
+"""Issue 6's benchmark: learning a search strategy from a few demonstrations, on the hidden-hole variant.
+
+At equal env steps, one seed per variant unless --seeds says more:
+  demos<N>     demo_explore_sac.py with N demonstrations (default 1, 3, 10). Its first evaluation (step 0) comes
+               right after its behaviour-cloning start and before any env step: that point IS behaviour cloning on
+               the N demonstrations alone, with the same updates and seed as `bc<N>` would run
+  sac          sac_residual.py on the same env and base, no demonstrations
+  bc<N>        behaviour cloning alone as a run of its own (demo_explore_sac.py --total-timesteps 0), optional
+  base         the base alone (logged by every run as eval_base/)
+Each run is a subprocess writing tensorboard logs under --workdir; eval/success_at_end, eval/success_once and
+eval/median_steps_to_success are read back into <out>.json and plotted into <out>.png. Runs are keyed by variant and
+seed, so a rerun replaces its own entry and separate processes can fill one file.
+
+    python benchmarks/demo_explore.py                                      # CPU, 2 envs, 30k steps per RL run
+    python benchmarks/demo_explore.py --variants demos10 sac --total-timesteps 200_000 --num-envs 512  # GPU
+"""
+
+import fcntl
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from curve import read_scalars  # noqa: E402
+
+
+@dataclass
+class Args:
+    variants: list[str] = field(default_factory=lambda: ["demos10", "sac", "demos3", "demos1"])
+    """demos<N>, sac, bc<N> (see the module docstring)"""
+    base: str = "expert"
+    """the base (aims at the hole estimate)"""
+    total_timesteps: int = 30_000
+    """env steps per RL run (the benchmark's budget flag)"""
+    eval_freq: int = 10_000
+    """evaluate every this many env steps"""
+    num_eval_episodes: int = 50
+    """episodes per evaluation"""
+    num_envs: int = 2
+    """training envs"""
+    bc_updates: int = 5_000
+    """gradient steps of the BC-alone variants (and of the BC start of the demos variants)"""
+    seeds: list[int] = field(default_factory=lambda: [1])
+    """one run per seed and variant"""
+    out: str = "benchmarks/results/demo_explore"
+    """output prefix (.json, .png)"""
+    workdir: str = "benchmarks/runs"
+    """where the runs' logs, checkpoints and the cached demonstrations go"""
+    device: str = "CPU, 2 cores"
+    """the machine, in words, recorded with each run (name the GPU)"""
+
+
+def command(args: Args, variant: str, seed: int, name: str) -> list[str]:
+    common_flags = ["--exp-name", name, "--seed", str(seed), "--base", args.base, "--num-envs", str(args.num_envs),
+                    "--num-eval-episodes", str(args.num_eval_episodes), "--eval-freq", str(args.eval_freq)]
+    if variant == "sac":
+        return [os.path.join(ROOT, "sac_residual.py"), "--env-id", "PegInsertionSideHidden-v1",
+                "--total-timesteps", str(args.total_timesteps), *common_flags]
+    kind, n = variant.rstrip("0123456789"), variant[len(variant.rstrip("0123456789")):]
+    if kind not in ("demos", "bc") or not n:
+        raise SystemExit(f"error: unknown variant {variant!r}: demos<N>, sac or bc<N>")
+    steps = args.total_timesteps if kind == "demos" else 0
+    return [os.path.join(ROOT, "demo_explore_sac.py"), "--num-demos", n, "--bc-pretrain-updates",
+            str(args.bc_updates), "--total-timesteps", str(steps), *common_flags]
+
+
+def merge(path, run):
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.load(open(path)) if os.path.exists(path) else dict(runs=[])
+        results["runs"] = [r for r in results["runs"] if (r["variant"], r["seed"]) != (run["variant"], run["seed"])]
+        results["runs"].append(run)
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(path + ".tmp", path)
+        return results
+
+
+def plot(results, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw=dict(width_ratios=[2, 1]))
+    runs = sorted(results["runs"], key=lambda r: (r["variant"], r["seed"]))
+    for r in runs:
+        if not r["variant"].startswith("bc") and r["eval_success_at_end"]:
+            steps, values = zip(*r["eval_success_at_end"])
+            ax.plot(steps, values, "o-", label=f"{r['variant']} (seed {r['seed']})")
+    base = [r["base_alone_success_at_end"][0][1] for r in runs if r["base_alone_success_at_end"]]
+    if base:
+        ax.axhline(sum(base) / len(base), color="gray", ls="--", label=f"{runs[0]['base']} base alone")
+    ax.axhline(0.8, color="green", ls=":", lw=1, label="target 0.8")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("eval success_at_end")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title(f"PegInsertionSideHidden-v1, {runs[0]['num_eval_episodes']} eval episodes per point, "
+                 f"{runs[0]['device']} (step 0 of a demos run: BC alone)", fontsize=8)
+    # final success by number of demonstrations: RL with demos vs BC alone
+    demo_runs = [r for r in runs if r["variant"][:5] == "demos" and r["variant"][5:].isdigit()
+                 and r["eval_success_at_end"]]
+    for label, marker, pick in (("RL + demos (last eval)", "o-", -1), ("BC alone (step 0)", "s--", 0)):
+        pts = sorted((int(r["variant"][5:]), r["eval_success_at_end"][pick][1]) for r in demo_runs)
+        if pts:
+            ax2.plot(*zip(*pts), marker, label=label)
+    ax2.set_xscale("log")
+    ax2.set_xticks([1, 3, 10], ["1", "3", "10"])
+    ax2.set_xlabel("demonstrations")
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=120)
+    plt.close(fig)
+
+
+def main(args: Args):
+    os.makedirs(args.workdir, exist_ok=True)
+    for variant in args.variants:
+        for seed in args.seeds:
+            name = f"demo_explore_{variant}_s{seed}"
+            cmd = command(args, variant, seed, name)
+            print("running:", " ".join(cmd), flush=True)
+            start = time.time()
+            subprocess.run([sys.executable, *cmd], cwd=args.workdir, check=True)
+            run_dir = sorted(glob.glob(os.path.join(args.workdir, "runs", name + "__*")))[-1]
+            sps = read_scalars(run_dir, "charts/SPS")
+            ratio = read_scalars(run_dir, "charts/SPS_over_env_SPS")
+            results = merge(args.out + ".json", dict(
+                variant=variant, seed=seed, base=args.base, command=" ".join(["python"] + cmd).replace(ROOT + "/", ""),
+                device=args.device, num_envs=args.num_envs, num_eval_episodes=args.num_eval_episodes,
+                total_timesteps=args.total_timesteps, wall_s=time.time() - start,
+                eval_success_at_end=read_scalars(run_dir, "eval/success_at_end"),
+                eval_success_once=read_scalars(run_dir, "eval/success_once"),
+                eval_median_steps_to_success=read_scalars(run_dir, "eval/median_steps_to_success"),
+                base_alone_success_at_end=read_scalars(run_dir, "eval_base/success_at_end")[:1],
+                final_sps=sps[-1][1] if sps else None, final_sps_over_env_sps=ratio[-1][1] if ratio else None,
+            ))
+            plot(results, args.out)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

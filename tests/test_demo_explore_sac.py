@@ -1,0 +1,182 @@
+"""demo_explore_sac.py: the scripted search, demonstration files (write, read, replay, bad files), the search
+features, and the script end to end as a subprocess with a tiny budget (train, BC alone, evaluate, resume)."""
+
+import json
+import math
+
+import h5py
+import pytest
+import torch
+from conftest import Script, assert_same_tensors, run, scalars
+from test_cli import assert_one_line_error
+
+import common
+from demo_explore_sac import (SEARCH_FEATURE_DIM, SearchClock, generate_demos, read_demo_file, replay_demos,
+                              search_features)
+
+HIDDEN = common.HIDDEN_ENV_ID
+TINY = ["--num-envs", "1", "--num-eval-envs", "1", "--num-eval-episodes", "1", "--batch-size", "32",
+        "--hidden-dim", "32", "--learning-starts", "100", "--critic-warmup-updates", "5", "--log-freq", "50",
+        "--bc-pretrain-updates", "20", "--buffer-size", "10000"]
+DEMO = Script("demo_explore_sac.py", TINY)
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    """Two scripted demonstrations in ManiSkill's format (2 CPU envs)."""
+    path = tmp_path_factory.mktemp("demos") / "spiral.h5"
+    stats = generate_demos(str(path), 2, HIDDEN, 2, seed=1000)
+    return path, stats
+
+
+def test_scripted_search_writes_successful_maniskill_trajectories(demos):
+    path, stats = demos
+    assert stats["kept"] >= 2 and stats["successes"] >= 2 and stats["median_steps_to_success"] < 200
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["env_info"]["env_id"] == HIDDEN and meta["source_type"] == "scripted"
+    assert all(ep["success"] and ep["control_mode"] == "pd_ee_delta_pose" for ep in meta["episodes"])
+    with h5py.File(path) as f:
+        for ep in meta["episodes"]:
+            traj = f[f"traj_{ep['episode_id']}"]
+            T = traj["actions"].shape[0]
+            assert traj["actions"].shape == (T, 7) and T == ep["elapsed_steps"] < 200
+            assert traj["obs"].shape == (T + 1, 46) and bool(traj["success"][-1])
+            assert "base_actions" not in traj  # a demonstration is not split into base + residual
+
+
+def test_replay_recomputes_base_actions_rewards_and_ends(demos):
+    path, _ = demos
+    meta, actions = read_demo_file(str(path), 2, HIDDEN, 7)
+    d = replay_demos(meta, actions, HIDDEN, "expert", "staged", seed=0)
+    assert d["lengths"].tolist() == [len(a) for a in actions]
+    ends = d["lengths"].cumsum(0) - 1
+    assert d["terminated"][ends].all() and d["done"].sum() == 2  # each ends in success, and only there
+    assert torch.equal(d["action"], torch.cat(actions))
+    with h5py.File(path) as f:  # the replay retraces the recorded states (CPU physics is deterministic)
+        rec = torch.as_tensor(f[f"traj_{meta['episodes'][0]['episode_id']}"]["obs"][()])
+    assert torch.allclose(d["obs"][: len(actions[0]), :46], rec[:-1].float(), atol=1e-4)
+    # the base's actions are the frozen base's on the replayed states
+    expert = common.ExpertBase(1, "cpu")
+    assert torch.allclose(d["a_base"][0], expert({"state": d["obs"][:1, :46]})[0])
+    # the clock's columns: 0 until the peg touches the face, then one more per step, and the next state's ahead
+    k = d["obs"][: len(actions[0]), 46] * 100
+    start = int((k > 0).nonzero()[0])
+    assert start > 10 and torch.allclose(k[start:], torch.arange(1, len(k) - start + 1).float())
+    assert torch.allclose(d["next_obs"][: len(actions[0]) - 1], d["obs"][1 : len(actions[0])])
+    assert d["reward"].max() <= 1.0 and d["reward"][ends].min() == 1.0  # the staged reward pays success
+
+
+def test_search_features_read_the_head_offset_from_the_estimate_and_the_force():
+    state = torch.zeros(1, 46)
+    L = 0.1
+    state[0, common.PEG_HALF_SIZE] = torch.tensor([L, 0.02, 0.02])
+    state[0, common.HOLE_POSE] = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])  # estimate at 0, axis +x
+    state[0, common.PEG_POSE] = torch.tensor([-2 * L + 0.01, 0.005, -0.003, 1.0, 0.0, 0.0, 0.0])  # head 1 cm in
+    state[0, common.CONTACT_FORCE] = torch.tensor([3.0, 4.0, 0.0])
+    f = search_features(state)
+    assert f.shape == (1, SEARCH_FEATURE_DIM)
+    assert torch.allclose(f[0], torch.tensor([0.5, -0.3, 1.0, math.log1p(5.0)]), atol=1e-4)
+
+
+def test_search_clock_counts_from_first_contact_and_peek_does_not_count(demos):
+    path, _ = demos
+    with h5py.File(path) as f:
+        states = torch.as_tensor(f["traj_0/obs"][()]).float()
+    clock = SearchClock(1, "cpu")
+    rows = []
+    for s in states:
+        assert torch.equal(clock.peek(s[None]), clock.peek(s[None]))  # peeking changes nothing
+        rows.append(clock.observe(s[None])[0])
+    rows = torch.stack(rows)
+    assert rows.shape == (len(states), 46 + SearchClock.DIM) and torch.equal(rows[:, :46], states)
+    k = rows[:, 46] * 100
+    assert k[0] == 0 and k[-1] > 0 and (k.diff() > -1e-4).all() and (k.diff() < 1 + 1e-4).all()
+    assert (rows[:, 47:].norm(dim=-1) <= 2.5 + 1e-4).all()  # the pattern point stays within max_radius (cm)
+    assert rows[-1, 47:].norm() > 0.5  # and has moved out by the time the peg went in
+    clock.reset(torch.ones(1, dtype=torch.bool))
+    assert clock.observe(states[:1])[0, 46] == 0
+    assert SearchClock(1, "cpu", enabled=False).observe(states[:1]).shape == (1, 46)
+
+
+def test_bad_demonstration_files(demos, tmp_path):
+    path, _ = demos
+    with pytest.raises(common.ConfigError, match="not found"):
+        read_demo_file(str(tmp_path / "none.h5"), 1, HIDDEN, 7)
+    with pytest.raises(common.ConfigError, match="holds 2 episodes, --num-demos asks for 5"):
+        read_demo_file(str(path), 5, HIDDEN, 7)
+    with pytest.raises(common.ConfigError, match=f"holds {HIDDEN} episodes, not PegInsertionSide-v1"):
+        read_demo_file(str(path), 1, "PegInsertionSide-v1", 7)
+    with pytest.raises(common.ConfigError, match="expected \\(T, 8\\)"):
+        read_demo_file(str(path), 1, HIDDEN, 8)  # an action size that does not fit the env
+    (tmp_path / "bad.json").write_text(path.with_suffix(".json").read_text())
+    (tmp_path / "bad.h5").write_bytes(b"not an h5 file")
+    with pytest.raises(common.ConfigError, match="corrupt"):
+        read_demo_file(str(tmp_path / "bad.h5"), 1, HIDDEN, 7)
+    (tmp_path / "bad.json").write_text("{\"episodes\": [")
+    with pytest.raises(common.ConfigError, match="not a ManiSkill trajectory json"):
+        read_demo_file(str(tmp_path / "bad.h5"), 1, HIDDEN, 7)
+    # and on the command line: one line, exit code 2, before any simulator starts
+    assert_one_line_error(run("demo_explore_sac.py", "--demos", tmp_path / "none.h5"), "demonstration file not found")
+    assert_one_line_error(run("demo_explore_sac.py", "--demo-ratio", "1"), "--demo-ratio must be in [0, 1)")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The bare command (no --demos): generates the default set under demos/ first, then trains."""
+    tmp_path = tmp_path_factory.mktemp("demo_sac")
+    out = DEMO.train(tmp_path, "--num-demos", "2", "--total-timesteps", "300", "--eval-freq", "200", "--exp-name", "t")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp_path, out
+
+
+def test_training_writes_checkpoint_and_scalars(trained):
+    tmp_path, out = trained
+    run_dir, ckpt = DEMO.checkpoint(tmp_path, "t")
+    assert ckpt["global_step"] == 300 and ckpt["base"] == "expert" and ckpt["args"]["env_id"] == HIDDEN
+    assert ckpt["num_updates"] == int(0.5 * (300 - 100))
+    assert ckpt["demos"]["demos/episodes"] == 2 and ckpt["rb"]["data"]["obs"].shape == (300, 46 + SearchClock.DIM)
+    for key in ("actor", "qf1", "qf2", "qf1_target", "qf2_target", "q_optimizer", "actor_optimizer", "obs_rms",
+                "rng", "eval_base"):
+        assert key in ckpt
+    tags = scalars(run_dir)
+    for key in ("eval/success_at_end", "eval/success_once", "eval/median_steps_to_success", "eval_base/success_at_end",
+                "losses/bc_loss", "losses/bc_coef", "losses/bc_pretrain_loss", "losses/actor_loss", "demos/episodes",
+                "demos/transitions", "reward/insert", "residual/residual_action_norm", "charts/SPS"):
+        assert key in tags, key
+    assert [s for s, _ in tags["eval/success_at_end"]] == [0, 200, 300]  # after BC, then every eval
+    assert "step 300/300" in out.stdout and "demonstrations: 2 episodes" in out.stdout
+    assert "generating 2 scripted search demonstrations" in out.stdout
+    assert (tmp_path / "demos" / f"spiral_{HIDDEN}.h5").is_file()
+
+
+def test_evaluate_checkpoint_prints_json(trained):
+    tmp_path, _ = trained
+    run_dir, _ = DEMO.checkpoint(tmp_path, "t")
+    out = run("demo_explore_sac.py", "--evaluate", "--checkpoint", run_dir / "ckpt.pt", "--num-eval-envs", "1",
+              "--num-eval-episodes", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["eval/episodes"] == 1 and 0 <= stats["eval/success_at_end"] <= 1
+    assert "eval/median_steps_to_success" in stats
+
+
+def test_bc_alone_reuses_the_cached_demos(trained):
+    """A second bare command finds the cached default set; with --total-timesteps 0 it is behaviour cloning on the
+    demonstrations alone, evaluated once."""
+    tmp_path, _ = trained
+    out = DEMO.train(tmp_path, "--num-demos", "1", "--total-timesteps", "0", "--exp-name", "bc")
+    assert out.returncode == 0 and "generating" not in out.stdout, out.stderr[-3000:]
+    run_dir, ckpt = DEMO.checkpoint(tmp_path, "bc")
+    assert ckpt["global_step"] == 0 and ckpt["demos"]["demos/episodes"] == 1
+    tags = scalars(run_dir)
+    assert [s for s, _ in tags["eval/success_at_end"]] == [0] and "losses/bc_pretrain_loss" in tags
+
+
+def test_resume_is_exact(demos, tmp_path):
+    """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint."""
+    args = ["--demos", demos[0], "--num-demos", "1", "--eval-freq", "150", "--seed", "3"]
+    (_, a), (_, b) = DEMO.resume_pair(tmp_path, args, 300, 150)
+    assert a["global_step"] == b["global_step"] == 300 and a["num_updates"] == b["num_updates"]
+    for net in ("actor", "qf1", "qf2", "qf1_target"):
+        assert_same_tensors(a[net], b[net], net)
+    assert torch.equal(a["rb"]["data"]["reward"], b["rb"]["data"]["reward"])
