@@ -640,6 +640,8 @@ if __name__ == "__main__":
         if ckpt:  # the policy is defined by these: take them from the checkpoint, whatever the command line says
             for name in ARCH_ARGS:
                 setattr(args, name, ckpt["args"][name])
+            if not args.evaluate:  # a resumed run replays the same demonstrations
+                args.num_demos = ckpt["args"]["num_demos"]
 
         # ---- demonstrations: generate (cached) and/or check the file before any training env starts ----
         demo_path = args.demos or (ckpt["demos"]["path"] if ckpt else default_demo_path(args.env_id))
