@@ -15,9 +15,7 @@ seed, so a rerun replaces its own entry and separate processes can fill one file
     python benchmarks/demo_explore.py --variants demos10 sac --total-timesteps 200_000 --num-envs 512  # GPU
 """
 
-import fcntl
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -28,7 +26,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from curve import read_scalars  # noqa: E402
+from curve import merge, read_scalars  # noqa: E402
 
 
 @dataclass
@@ -69,18 +67,6 @@ def command(args: Args, variant: str, seed: int, name: str) -> list[str]:
     steps = args.total_timesteps if kind == "demos" else 0
     return [os.path.join(ROOT, "demo_explore_sac.py"), "--num-demos", n, "--bc-pretrain-updates",
             str(args.bc_updates), "--total-timesteps", str(steps), *common_flags]
-
-
-def merge(path, run):
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.load(open(path)) if os.path.exists(path) else dict(runs=[])
-        results["runs"] = [r for r in results["runs"] if (r["variant"], r["seed"]) != (run["variant"], run["seed"])]
-        results["runs"].append(run)
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(path + ".tmp", path)
-        return results
 
 
 def plot(results, out):
