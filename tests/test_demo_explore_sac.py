@@ -31,8 +31,11 @@ def demos(tmp_path_factory):
 
 def test_scripted_search_writes_successful_maniskill_trajectories(demos):
     path, stats = demos
-    assert stats["kept"] >= 2 and stats["successes"] >= 2 and stats["median_steps_to_success"] < 200
+    assert stats["kept"] == stats["successes"] >= 2
     meta = json.loads(path.with_suffix(".json").read_text())
+    # train envs end an episode at success, so its first success is its last step
+    lengths = torch.tensor([float(ep["elapsed_steps"]) for ep in meta["episodes"]])
+    assert stats["median_steps_to_success"] == lengths.median().item() < 200
     assert meta["env_info"]["env_id"] == HIDDEN and meta["source_type"] == "scripted"
     assert all(ep["success"] and ep["control_mode"] == "pd_ee_delta_pose" for ep in meta["episodes"])
     with h5py.File(path) as f:

@@ -64,6 +64,28 @@ def test_eval_env_runs_full_episodes_and_reports_metrics():
         envs.close()
 
 
+def test_success_step_and_median_steps_to_success():
+    """The step of an episode's first success, by hand and through evaluate() (same seed, same episode), and NaN
+    where an episode never succeeds."""
+    envs = common.make_env(1, "physx_cpu", eval_mode=True, seed=5)
+    try:
+        expert = common.ExpertBase(1, "cpu")
+        obs = envs.reset(seed=5)
+        first = None
+        for t in range(1, envs.max_episode_steps + 1):
+            obs, _, _, truncated, info = envs.step(expert(obs))
+            if first is None and bool(info["success"][0]):
+                first = t
+        assert first is not None and first < envs.max_episode_steps and bool(truncated[0])
+        assert info["episode"]["success_step"][0].item() == first
+        stats = common.evaluate(envs, common.ExpertBase(1, "cpu"), 1, seed=5)
+        assert stats["success_once"] == 1.0 and stats["median_steps_to_success"] == first
+        stats = common.evaluate(envs, common.ZeroBase(7), 1, seed=5)
+        assert stats["success_once"] == 0.0 and stats["median_steps_to_success"] != stats["median_steps_to_success"]
+    finally:
+        envs.close()
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
