@@ -39,6 +39,10 @@ def test_checkpoint_from_another_script(script, tmp_path):
     assert_one_line_error(run(script, "--checkpoint", foreign), f"written by {other}, not {script}")
 
 
+def test_noise_repeat_must_be_positive():
+    assert_one_line_error(run("ppo_residual.py", "--noise-repeat", "0"), "--noise-repeat must be >= 1")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

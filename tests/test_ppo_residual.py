@@ -55,9 +55,11 @@ def test_gae_bootstraps_truncation_but_not_termination():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Checkpoints of 200 steps in one run, and of 100 steps resumed to 200 (same seed)."""
+    """Checkpoints of 200 steps in one run, and of 100 steps resumed to 200 (same seed), with exploration noise
+    held for 30 steps (--noise-repeat), so exact resume covers the held noise too."""
     tmp_path = tmp_path_factory.mktemp("ppo")
-    return PPO.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "100", "--seed", "3"], 200, 100)
+    return PPO.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "100", "--seed", "3", "--noise-repeat", "30"],
+                           200, 100)
 
 
 def test_training_writes_checkpoint_and_scalars(runs):
@@ -77,6 +79,18 @@ def test_training_writes_checkpoint_and_scalars(runs):
     # The untrained residual is exactly the base: its first evaluation equals the base alone, return and all.
     assert tags["eval/return"][0] == tags["eval_base/return"][0] and tags["eval/return"][0][0] == 0
     assert [s for s, _ in tags["eval/success_at_end"]] == [0, 100, 200]
+
+
+def test_held_noise_is_redrawn_only_when_due():
+    """--noise-repeat: an env's noise is redrawn when its age is a multiple of the repeat (0 = episode start)."""
+    from ppo_residual import hold_noise
+
+    torch.manual_seed(0)
+    noise = torch.full((5, 7), 5.0)
+    out = hold_noise(noise, torch.tensor([0, 1, 3, 4, 6]), 3)
+    assert torch.equal(out[[1, 3]], noise[[1, 3]])  # held
+    assert (out[[0, 2, 4]] != 5.0).all() and out[[0, 2, 4]].abs().max() < 5.0  # fresh standard-normal draws
+    assert torch.equal(hold_noise(noise, torch.arange(5), 1) != 5.0, torch.ones(5, 7, dtype=torch.bool))
 
 
 def test_resume_is_exact(runs):
