@@ -15,6 +15,10 @@ The runs themselves (CPU, one seed each, 100 eval episodes per point):
         --variants residual --total-timesteps 100000 --eval-freq 50000 --num-eval-episodes 100 \\
         --run-prefix midgrasp_<tail|none>_ --out benchmarks/results/affordance_ppo_midgrasp_<tail|none> \\
         [-- --affordance none]
+    python benchmarks/curve.py --script affordance_ppo.py --base "coarse:grasp_frac=0,grasp_off=-1" \\
+        --variants residual --total-timesteps 100000 --eval-freq 50000 --num-eval-episodes 100 \\
+        --run-prefix midgrasp_tail_scale0.3_ --out benchmarks/results/affordance_ppo_midgrasp_tail_scale0.3 \\
+        -- --residual-scale 0.3 --init-std 0.1
 """
 
 import json
@@ -29,6 +33,8 @@ CURVES = [  # (label, file, colour, line style)
     ("affordance PPO, coarse base", "affordance_ppo_curve.json", "tab:blue", "-"),
     ("PPO, middle-grasping base, --affordance none", "affordance_ppo_midgrasp_none.json", "tab:orange", "--"),
     ("affordance PPO, middle-grasping base", "affordance_ppo_midgrasp_tail.json", "tab:green", "--"),
+    ("affordance PPO, middle-grasping base, --residual-scale 0.3", "affordance_ppo_midgrasp_tail_scale0.3.json",
+     "tab:olive", ":"),
 ]
 
 

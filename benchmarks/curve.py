@@ -129,7 +129,9 @@ def plot(results, out, target=0.0):
     for run in runs:
         steps, values = zip(*run["eval_success_at_end"]) if run["eval_success_at_end"] else ([], [])
         label = f"residual {algo} on {run['base']}" if run["variant"] == "residual" else f"{algo} from scratch (base zero)"
-        ax.plot(steps, values, "o-", color=colors[run["variant"]], label=f"{label}, seed {run['seed']}")
+        style = ("o-", "s--", "^:", "d-.")[sorted(r["seed"] for r in runs if r["variant"] == run["variant"]).index(
+            run["seed"]) % 4]
+        ax.plot(steps, values, style, color=colors[run["variant"]], label=f"{label}, seed {run['seed']}")
     base_lines = [r["base_alone_success_at_end"][0][1] for r in runs if r["variant"] == "residual"
                   and r["base_alone_success_at_end"]]
     if base_lines:
@@ -140,10 +142,10 @@ def plot(results, out, target=0.0):
     ax.set_xlabel("env steps")
     ax.set_ylabel("eval success_at_end")
     ax.set_ylim(-0.02, 1.02)
-    seeds = sorted({r["seed"] for r in runs})
-    ax.set_title(f"{runs[0]['script']} on PegInsertionSide-v1: {len(seeds)} seed(s) per variant, "
+    seeds = ", ".join(f"{v}: {sum(r['variant'] == v for r in runs)}" for v in sorted({r["variant"] for r in runs}))
+    ax.set_title(f"{runs[0]['script']} on PegInsertionSide-v1: seeds per variant ({seeds}), "
                  f"{runs[0]['num_eval_episodes']} eval episodes per point, {runs[0]['num_envs']} envs, "
-                 f"{runs[0]['device']}", fontsize=8)
+                 f"{runs[0]['device']}", fontsize=7)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(out + ".png", dpi=120)
