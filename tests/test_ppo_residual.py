@@ -55,19 +55,20 @@ def test_gae_bootstraps_truncation_but_not_termination():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Checkpoints of 200 steps in one run, and of 100 steps resumed to 200 (same seed), with exploration noise
-    held for 30 steps (--noise-repeat), so exact resume covers the held noise too."""
+    """Checkpoints of 300 steps in one run, and of 150 steps resumed to 300 (same seed), with exploration noise
+    held for 30 steps (--noise-repeat). The checkpoint falls mid-episode (episodes last 100 steps), where the held
+    noise's age must restart with the envs, so exact resume covers the held noise too."""
     tmp_path = tmp_path_factory.mktemp("ppo")
-    return PPO.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "100", "--seed", "3", "--noise-repeat", "30"],
-                           200, 100)
+    return PPO.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "150", "--seed", "3", "--noise-repeat", "30"],
+                           300, 150)
 
 
 def test_training_writes_checkpoint_and_scalars(runs):
     (run_dir, ckpt), _ = runs
-    assert ckpt["global_step"] == 200 and ckpt["iteration"] == 4 and ckpt["base"] == "coarse"
+    assert ckpt["global_step"] == 300 and ckpt["iteration"] == 6 and ckpt["base"] == "coarse"
     for key in ("agent", "optimizer", "obs_rms", "return_rms", "rng", "eval_base", "args"):
         assert key in ckpt
-    assert ckpt["obs_rms"]["count"] > 199 and ckpt["return_rms"]["count"] > 199  # one update per step
+    assert ckpt["obs_rms"]["count"] > 299 and ckpt["return_rms"]["count"] > 299  # one update per step
     # the residual's mean head starts at zero and has moved; the std is learned by default
     assert ckpt["agent"]["actor_mean.4.weight"].abs().sum() > 0
     tags = scalars(run_dir)
@@ -78,7 +79,7 @@ def test_training_writes_checkpoint_and_scalars(runs):
         assert key in tags, key
     # The untrained residual is exactly the base: its first evaluation equals the base alone, return and all.
     assert tags["eval/return"][0] == tags["eval_base/return"][0] and tags["eval/return"][0][0] == 0
-    assert [s for s, _ in tags["eval/success_at_end"]] == [0, 100, 200]
+    assert [s for s, _ in tags["eval/success_at_end"]] == [0, 150, 300]
 
 
 def test_held_noise_is_redrawn_only_when_due():
@@ -96,7 +97,7 @@ def test_held_noise_is_redrawn_only_when_due():
 def test_resume_is_exact(runs):
     """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint."""
     (_, a), (_, b) = runs
-    assert a["global_step"] == b["global_step"] == 200 and a["iteration"] == b["iteration"] == 4
+    assert a["global_step"] == b["global_step"] == 300 and a["iteration"] == b["iteration"] == 6
     for part in ("agent", "obs_rms", "return_rms"):
         assert_same_tensors(a[part], b[part], part)
 
