@@ -92,6 +92,11 @@ class Args:
     """write --num-demos successful episodes of the scripted search to --demos (or the default path) and exit"""
     demo_seed: int = 1000
     """seed of the scripted demonstrations' episodes (kept apart from training and eval seeds)"""
+    demo_noise: float = 0.0
+    """DART (Laskey et al. 2017): std of Gaussian noise (action units) added to the scripted demonstrator's arm
+    actions while it records, so the demonstrations visit the near misses a cloned policy drifts into, each labelled
+    with the demonstrator's clean action (saved as `expert_actions`, the BC target; `actions` stay the executed ones,
+    so the file replays). 0: clean demonstrations. The default cache gets its own file per noise level"""
 
     # environment
     env_id: str = common.HIDDEN_ENV_ID
@@ -354,44 +359,58 @@ class SearchClock:
 # ------------------------------------------------------------------------------------------------------------------
 # Demonstrations in ManiSkill's trajectory format: write, read, replay
 # ------------------------------------------------------------------------------------------------------------------
-def default_demo_path(env_id: str) -> str:
-    return os.path.join("demos", f"spiral_{env_id}.h5")
+def default_demo_path(env_id: str, noise: float = 0.0) -> str:
+    return os.path.join("demos", f"spiral_{env_id}" + (f"_dart{noise:g}" if noise else "") + ".h5")
 
 
-def generate_demos(path: str, num_demos: int, env_id: str, num_envs: int, seed: int) -> dict:
+def generate_demos(path: str, num_demos: int, env_id: str, num_envs: int, seed: int,
+                   noise: float = 0.0) -> dict:
     """Run SpiralSearchDemo until `num_demos` episodes succeed; write the successful ones to <path>.h5/.json
-    (ManiSkill's format, through its RecordEpisode) atomically. Returns stats of all episodes run."""
+    (ManiSkill's format, through its RecordEpisode) atomically. With `noise` > 0 the executed arm actions carry
+    Gaussian noise (DART) and each episode also stores the clean actions as `expert_actions`. Returns stats of all
+    episodes run."""
     tmp = tempfile.mkdtemp(prefix="demos_", dir=os.path.dirname(os.path.abspath(path)))
     try:
         envs = common.make_env(num_envs, "physx_cpu", env_id=env_id, seed=seed, record_dir=tmp,
                                reconfiguration_freq=1)
         demo = SpiralSearchDemo(num_envs, "cpu")
+        gen = torch.Generator().manual_seed(seed)
         obs = envs.reset(seed=seed, reconfigure=True)
         trace, successes, episodes, steps = [], 0, 0, []
         while successes < num_demos:
             a = demo(obs)
-            obs, _, terminated, truncated, info = envs.step(a)
+            a_exec = a.clone()
+            if noise:  # DART: perturb what is executed (the arm's 6 dims), keep the clean label
+                a_exec[:, :6] += noise * torch.randn(a[:, :6].shape, generator=gen)
+                a_exec = a_exec.clamp(-1, 1)
+            obs, _, terminated, truncated, info = envs.step(a_exec)
             done = terminated | truncated
-            trace.append((a.cpu(), torch.zeros_like(a).cpu(), done.cpu()))
+            trace.append((a.cpu(), (a_exec - a).cpu(), done.cpu()))  # saved as base_actions / residual_actions
             if done.any():
                 demo.reset(done)
                 ep = info["episode"]
                 successes += int(ep["success_once"][done].sum())
                 episodes += int(done.sum())
                 steps += ep["success_step"][done & ep["success_once"]].tolist()
-            if episodes > 4 * num_demos + 10:
+            if episodes > (4 if not noise else 10) * num_demos + 10:
                 raise RuntimeError(f"the scripted search succeeded in only {successes} of {episodes} episodes")
         envs.close()  # flushes the recordings
         kept = common.keep_successful_trajectories(tmp, trace, num_envs, 0.0)
         import h5py
 
         with h5py.File(os.path.join(tmp, "trajectories.h5"), "a") as f:
-            for name in f:  # the trace's base/residual split means nothing for a demonstration
-                del f[name]["base_actions"], f[name]["residual_actions"]
+            for name in f:  # the trace's "base" is the demonstrator's clean action, its "residual" the DART noise
+                if noise:
+                    f[name].move("base_actions", "expert_actions")
+                else:
+                    del f[name]["base_actions"]
+                del f[name]["residual_actions"]
         with open(os.path.join(tmp, "trajectories.json")) as f:
             meta = json.load(f)
         meta.update(source_type="scripted", source_desc="demo_explore_sac.py SpiralSearchDemo: approach the hole "
-                    "estimate, spiral pressed against the face, push (no access to the true hole)")
+                    "estimate, spiral pressed against the face, push (no access to the true hole)"
+                    + (f"; DART noise {noise:g} on the executed arm actions, clean ones in expert_actions"
+                       if noise else ""))
         with open(os.path.join(tmp, "trajectories.json"), "w") as f:
             json.dump(meta, f, indent=2)
         stem = os.path.splitext(path)[0]
@@ -404,9 +423,10 @@ def generate_demos(path: str, num_demos: int, env_id: str, num_envs: int, seed: 
                 median_steps_to_success=steps_t.median().item() if len(steps) else float("nan"))
 
 
-def read_demo_file(path: str, num_demos: int, env_id: str, action_dim: int) -> tuple[dict, list]:
-    """(json metadata, [actions (T, A) per episode]) of the first `num_demos` episodes; one-line errors for a
-    missing, corrupt or mismatched file."""
+def read_demo_file(path: str, num_demos: int, env_id: str, action_dim: int) -> tuple[dict, list, list]:
+    """(json metadata, [actions (T, A) per episode], [labels (T, A) per episode]) of the first `num_demos` episodes:
+    the labels are `expert_actions` where the file has them (DART), else the actions. One-line errors for a missing,
+    corrupt or mismatched file."""
     import h5py
 
     stem = os.path.splitext(path)[0]
@@ -427,28 +447,35 @@ def read_demo_file(path: str, num_demos: int, env_id: str, action_dim: int) -> t
         raise common.ConfigError(f"{json_path} holds {file_env} episodes, not {env_id}: pass --env-id {file_env}")
     if len(episodes) < num_demos:
         raise common.ConfigError(f"{json_path} holds {len(episodes)} episodes, --num-demos asks for {num_demos}")
-    actions = []
+    actions, labels = [], []
     try:
         with h5py.File(h5_path, "r") as f:
             for ep in episodes[:num_demos]:
                 if ep.get("control_mode", "pd_ee_delta_pose") != "pd_ee_delta_pose":
                     raise common.ConfigError(f"{json_path}: episode {ep['episode_id']} uses control mode "
                                              f"{ep['control_mode']}; replay needs pd_ee_delta_pose")
-                a = torch.as_tensor(f[f"traj_{ep['episode_id']}"]["actions"][()], dtype=torch.float32)
+                traj = f[f"traj_{ep['episode_id']}"]
+                a = torch.as_tensor(traj["actions"][()], dtype=torch.float32)
+                label = torch.as_tensor(traj["expert_actions"][()], dtype=torch.float32) \
+                    if "expert_actions" in traj else a
                 if a.ndim != 2 or a.shape[1] != action_dim or len(a) == 0:
                     raise common.ConfigError(f"{h5_path}: traj_{ep['episode_id']}/actions has shape "
                                              f"{tuple(a.shape)}, expected (T, {action_dim})")
+                if label.shape != a.shape:
+                    raise common.ConfigError(f"{h5_path}: traj_{ep['episode_id']}/expert_actions has shape "
+                                             f"{tuple(label.shape)}, expected {tuple(a.shape)} like its actions")
                 actions.append(a)
+                labels.append(label)
     except common.ConfigError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise common.ConfigError(f"{h5_path} is corrupt or not a ManiSkill trajectory file "
                                  f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    return meta, actions
+    return meta, actions, labels
 
 
-def replay_demos(meta: dict, actions: list, env_id: str, base_spec: str, reward: str, seed: int,
-                 clock: bool = True) -> dict:
+def replay_demos(meta: dict, actions: list, labels: list, env_id: str, base_spec: str, reward: str,
+                 seed: int, clock: bool = True) -> dict:
     """Replay each demonstration's actions from its recorded seed (CPU physics is deterministic) with the training
     env's reward and terminations and the frozen base alongside: the transitions the demo buffer needs, with base
     actions and staged rewards that the file need not hold. An episode that does not replay to success (e.g.
@@ -456,10 +483,10 @@ def replay_demos(meta: dict, actions: list, env_id: str, base_spec: str, reward:
     envs = common.make_env(1, "physx_cpu", env_id=env_id, reward=reward, seed=seed, reconfiguration_freq=1)
     base = common.make_base_policy(base_spec, envs, seed=seed)
     search_clock = SearchClock(1, "cpu", clock)
-    keys = ("obs", "a_base", "action", "reward", "next_obs", "next_a_base", "terminated", "done")
+    keys = ("obs", "a_base", "action", "label", "reward", "next_obs", "next_a_base", "terminated", "done")
     data, lengths, dropped = {k: [] for k in keys}, [], 0
     try:
-        for ep, acts in zip(meta["episodes"], actions):
+        for ep, acts, labs in zip(meta["episodes"], actions, labels):
             obs = envs.reset(seed=int(ep["episode_seed"]), reconfigure=True)
             base.reset(torch.ones(1, dtype=torch.bool), seed=seed)
             search_clock.reset(torch.ones(1, dtype=torch.bool))
@@ -470,7 +497,8 @@ def replay_demos(meta: dict, actions: list, env_id: str, base_spec: str, reward:
                 done = terminated | truncated
                 next_a_base = base(next_obs)
                 next_state = search_clock.observe(info["final_obs"]["state"])
-                for k, v in dict(obs=state, a_base=a_base, action=a[None], reward=r, next_obs=next_state,
+                for k, v in dict(obs=state, a_base=a_base, action=a[None], label=labs[t][None], reward=r,
+                                 next_obs=next_state,
                                  next_a_base=torch.where(done[:, None], a_base, next_a_base),
                                  terminated=terminated, done=done | (t == len(acts) - 1)).items():
                     rows[k].append(v.float().reshape(1, -1))
@@ -621,6 +649,8 @@ if __name__ == "__main__":
                 raise common.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.residual_scale <= 0:
             raise common.ConfigError(f"--residual-scale must be > 0, got {args.residual_scale}")
+        if not 0 <= args.demo_noise <= 1:
+            raise common.ConfigError(f"--demo-noise must be in [0, 1] (action units), got {args.demo_noise}")
         if not 0 <= args.demo_ratio < 1:
             raise common.ConfigError(f"--demo-ratio must be in [0, 1), got {args.demo_ratio}")
         for name in ("total_timesteps", "utd", "learning_starts", "bc_pretrain_updates", "bc_coef", "bc_decay_steps"):
@@ -644,12 +674,13 @@ if __name__ == "__main__":
                 args.num_demos = ckpt["args"]["num_demos"]
 
         # ---- demonstrations: generate (cached) and/or check the file before any training env starts ----
-        demo_path = args.demos or (ckpt["demos"]["path"] if ckpt else default_demo_path(args.env_id))
+        demo_path = args.demos or (ckpt["demos"]["path"] if ckpt
+                                   else default_demo_path(args.env_id, args.demo_noise))
         if args.generate_demos or (args.demos is None and not ckpt and not _has_demos(demo_path, args.num_demos)):
             os.makedirs(os.path.dirname(os.path.abspath(demo_path)), exist_ok=True)
             print(f"generating {args.num_demos} scripted search demonstrations -> {demo_path}", flush=True)
             stats = generate_demos(demo_path, args.num_demos, args.env_id, min(args.num_envs, os.cpu_count() or 1),
-                                   args.demo_seed)
+                                   args.demo_seed, args.demo_noise)
             print(json.dumps({f"demos/{k}": v for k, v in stats.items()}), flush=True)
             if args.generate_demos:
                 return
@@ -670,8 +701,8 @@ if __name__ == "__main__":
                                     video_dir=f"runs/{run_name}/videos" if args.capture_video else None)
         act_dim, env_state_dim = eval_envs.action_dim, eval_envs.state_dim
         state_dim = eval_envs.state_dim + (SearchClock.DIM if args.search_features else 0)  # + the clock's columns
-        demo_meta, demo_actions = (None, None) if args.evaluate else read_demo_file(demo_path, args.num_demos,
-                                                                                    args.env_id, act_dim)
+        demo_meta, demo_actions, demo_labels = (None, None, None) if args.evaluate else read_demo_file(
+            demo_path, args.num_demos, args.env_id, act_dim)
         envs = None
         if not args.evaluate:
             envs = common.make_env(args.num_envs, args.sim_backend, env_id=args.env_id,
@@ -749,13 +780,13 @@ if __name__ == "__main__":
 
         # ---- the demonstration buffer: replayed, relabelled against this base, with this reward ----
         t0 = time.perf_counter()
-        demos = replay_demos(demo_meta, demo_actions, args.env_id, args.base, args.reward, args.demo_seed,
+        demos = replay_demos(demo_meta, demo_actions, demo_labels, args.env_id, args.base, args.reward, args.demo_seed,
                              args.search_features)
         demo_rb = ReplayBuffer(len(demos["obs"]), state_dim, act_dim, 1, device)
         demo_rb.add(**{k: demos[k] for k in ReplayBuffer.FIELDS})
         demo_obs, demo_base = demos["obs"].to(device), demos["a_base"].to(device)
-        # BC target: the residual that turns the base's action into the demonstrator's
-        demo_target = ((demos["action"].to(device) - demo_base) / args.residual_scale).clamp(
+        # BC target: the residual that turns the base's action into the demonstrator's (its clean one under DART)
+        demo_target = ((demos["label"].to(device) - demo_base) / args.residual_scale).clamp(
             -BC_TARGET_MAX, BC_TARGET_MAX) * active(demo_obs)
         demo_stats = {"demos/episodes": len(demos["lengths"]), "demos/transitions": len(demos["obs"]),
                       "demos/mean_len": demos["lengths"].float().mean().item(),

@@ -10,7 +10,8 @@ The runs themselves (CPU, one seed each, 100 eval episodes per point):
     python benchmarks/curve.py --script ppo_residual.py --variants residual --total-timesteps 300000 \\
         --eval-freq 50000 --num-eval-episodes 100 --target 0.8
     python benchmarks/curve.py --script affordance_ppo.py --variants residual --total-timesteps 100000 \\
-        --eval-freq 50000 --num-eval-episodes 100
+        --eval-freq 50000 --num-eval-episodes 100 [--run-prefix coarse_none_ \\
+        --out benchmarks/results/affordance_ppo_coarse_none -- --affordance none]
     python benchmarks/curve.py --script affordance_ppo.py --base "coarse:grasp_frac=0,grasp_off=-1" \\
         --variants residual --total-timesteps 100000 --eval-freq 50000 --num-eval-episodes 100 \\
         --run-prefix midgrasp_<tail|none>_ --out benchmarks/results/affordance_ppo_midgrasp_<tail|none> \\
@@ -31,6 +32,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CURVES = [  # (label, file, colour, line style)
     ("PPO, coarse base (no affordance term)", "ppo_residual_curve.json", "tab:gray", "-"),
     ("affordance PPO, coarse base", "affordance_ppo_curve.json", "tab:blue", "-"),
+    ("affordance_ppo.py --affordance none, coarse base", "affordance_ppo_coarse_none.json", "tab:purple", "-."),
     ("PPO, middle-grasping base, --affordance none", "affordance_ppo_midgrasp_none.json", "tab:orange", "--"),
     ("affordance PPO, middle-grasping base", "affordance_ppo_midgrasp_tail.json", "tab:green", "--"),
     ("affordance PPO, middle-grasping base, --residual-scale 0.3", "affordance_ppo_midgrasp_tail_scale0.3.json",

@@ -6,6 +6,7 @@ At equal env steps, one seed per variant unless --seeds says more:
                the N demonstrations alone, with the same updates and seed as `bc<N>` would run
   sac          sac_residual.py on the same env and base, no demonstrations
   bc<N>        behaviour cloning alone as a run of its own (demo_explore_sac.py --total-timesteps 0), optional
+  <v>_dart<s>  demos<N> or bc<N> on noise-injected demonstrations (--demo-noise s, DART), e.g. demos10_dart0.05
   base         the base alone (logged by every run as eval_base/)
 Each run is a subprocess writing tensorboard logs under --workdir; eval/success_at_end, eval/success_once and
 eval/median_steps_to_success are read back into <out>.json and plotted into <out>.png. Runs are keyed by variant and
@@ -61,12 +62,14 @@ def command(args: Args, variant: str, seed: int, name: str) -> list[str]:
     if variant == "sac":
         return [os.path.join(ROOT, "sac_residual.py"), "--env-id", "PegInsertionSideHidden-v1",
                 "--total-timesteps", str(args.total_timesteps), *common_flags]
-    kind, n = variant.rstrip("0123456789"), variant[len(variant.rstrip("0123456789")):]
-    if kind not in ("demos", "bc") or not n:
-        raise SystemExit(f"error: unknown variant {variant!r}: demos<N>, sac or bc<N>")
+    core, _, noise = variant.partition("_dart")
+    kind, n = core.rstrip("0123456789"), core[len(core.rstrip("0123456789")):]
+    if kind not in ("demos", "bc") or not n or (variant != core and not noise):
+        raise SystemExit(f"error: unknown variant {variant!r}: demos<N>, sac or bc<N>, optionally with _dart<noise>")
     steps = args.total_timesteps if kind == "demos" else 0
     return [os.path.join(ROOT, "demo_explore_sac.py"), "--num-demos", n, "--bc-pretrain-updates",
-            str(args.bc_updates), "--total-timesteps", str(steps), *common_flags]
+            str(args.bc_updates), "--total-timesteps", str(steps), *(["--demo-noise", noise] if noise else []),
+            *common_flags]
 
 
 def plot(results, out):

@@ -49,8 +49,9 @@ def test_scripted_search_writes_successful_maniskill_trajectories(demos):
 
 def test_replay_recomputes_base_actions_rewards_and_ends(demos):
     path, _ = demos
-    meta, actions = read_demo_file(str(path), 2, HIDDEN, 7)
-    d = replay_demos(meta, actions, HIDDEN, "expert", "staged", seed=0)
+    meta, actions, labels = read_demo_file(str(path), 2, HIDDEN, 7)
+    assert all(torch.equal(a, b) for a, b in zip(actions, labels))  # clean demonstrations: the labels are the actions
+    d = replay_demos(meta, actions, labels, HIDDEN, "expert", "staged", seed=0)
     assert d["lengths"].tolist() == [len(a) for a in actions]
     ends = d["lengths"].cumsum(0) - 1
     assert d["terminated"][ends].all() and d["done"].sum() == 2  # each ends in success, and only there
@@ -121,6 +122,28 @@ def test_bad_demonstration_files(demos, tmp_path):
     # and on the command line: one line, exit code 2, before any simulator starts
     assert_one_line_error(run("demo_explore_sac.py", "--demos", tmp_path / "none.h5"), "demonstration file not found")
     assert_one_line_error(run("demo_explore_sac.py", "--demo-ratio", "1"), "--demo-ratio must be in [0, 1)")
+    assert_one_line_error(run("demo_explore_sac.py", "--demo-noise", "-0.1"), "--demo-noise must be in [0, 1]")
+
+
+def test_dart_demonstrations_store_clean_labels_and_replay(tmp_path):
+    """--demo-noise: the executed arm actions carry noise, the file keeps them (so it replays to success) and the
+    demonstrator's clean actions as expert_actions, which read_demo_file returns as the labels."""
+    path = tmp_path / "dart.h5"
+    stats = generate_demos(str(path), 1, HIDDEN, 1, seed=1000, noise=0.05)
+    assert stats["kept"] == 1 and "DART noise 0.05" in json.loads(path.with_suffix(".json").read_text())["source_desc"]
+    meta, actions, labels = read_demo_file(str(path), 1, HIDDEN, 7)
+    noise = actions[0] - labels[0]
+    assert noise[:, 6].abs().max() == 0  # the gripper is not perturbed
+    free = labels[0][:, :6].abs() < 0.9  # away from the action bounds the noise is unclipped
+    assert 0.03 < noise[:, :6][free].std() < 0.07
+    d = replay_demos(meta, actions, labels, HIDDEN, "expert", "staged", seed=0)
+    assert d["terminated"][-1] and torch.equal(d["action"], actions[0]) and torch.equal(d["label"], labels[0])
+    with h5py.File(path, "r+") as f:  # a label array that does not fit its actions: one-line error
+        traj = f[f"traj_{meta['episodes'][0]['episode_id']}"]
+        del traj["expert_actions"]
+        traj["expert_actions"] = labels[0][:-1].numpy()
+    with pytest.raises(common.ConfigError, match="expert_actions has shape"):
+        read_demo_file(str(path), 1, HIDDEN, 7)
 
 
 @pytest.fixture(scope="module")

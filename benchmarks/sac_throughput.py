@@ -1,0 +1,96 @@
+"""Residual SAC's training throughput for a few network widths and update ratios, interleaved in one run.
+
+Each configuration trains sac_residual.py for a short budget (2 CPU envs, the `coarse` base, no evaluation), round
+after round, alternating, so that all of them see the same machine. Throughput is measured as the issue asks, as a
+ratio within the run: training env steps/s over the simulator's own steps/s (the slowest worker's `env.step` time),
+over a window that starts after the critic's warm-up, so it is the steady state with the residual acting and a
+gradient update every 1 / utd env steps.
+
+    python benchmarks/sac_throughput.py                       # 3 configs x 2 rounds of 8,000 env steps
+    python benchmarks/sac_throughput.py --rounds 3 --configs "w256:--hidden-dim 256" "w128:--hidden-dim 128"
+
+Writes benchmarks/results/sac_throughput.json: per config and round, the window's training steps/s, simulator
+steps/s, their ratio and ms per gradient update; and the median ratio per config.
+"""
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Args:
+    configs: list[str] = field(default_factory=lambda: [
+        "w256_utd0.5:--hidden-dim 256 --utd 0.5", "w128_utd0.5:--hidden-dim 128 --utd 0.5",
+        "w128_utd1:--hidden-dim 128 --utd 1.0"])
+    """name:extra flags of sac_residual.py, one per configuration"""
+    rounds: int = 2
+    """rounds; each runs every configuration once, in turn"""
+    steps: int = 8_000
+    """env steps per run"""
+    window_start: int = 4_000
+    """the window starts at this env step (after --learning-starts 2000, 100 warm-up updates and the progressive
+    schedule's 2,000 steps)"""
+    out: str = "benchmarks/results/sac_throughput.json"
+    """the JSON to write"""
+
+
+def scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def measure(name, flags, args, workdir, k):
+    exp = f"throughput_{name}_{k}"
+    cmd = [sys.executable, os.path.join(ROOT, "sac_residual.py"), "--exp-name", exp, "--seed", "1", "--num-envs", "2",
+           "--total-timesteps", str(args.steps), "--eval-freq", str(10 * args.steps), "--num-eval-episodes", "2",
+           "--learning-starts", "2000", "--critic-warmup-updates", "100", "--progressive-steps", "2000",
+           "--log-freq", "1000", "--no-save-model", *shlex.split(flags)]
+    subprocess.run(cmd, cwd=workdir, check=True, stdout=subprocess.DEVNULL)
+    (run_dir,) = [os.path.join(workdir, "runs", d) for d in os.listdir(os.path.join(workdir, "runs"))
+                  if d.startswith(exp + "__")]
+    s = scalars(run_dir)
+    a, b = args.window_start, max(s["charts/SPS"])
+    # charts/SPS and time/* are cumulative over the training time: difference them over the window
+    t_a, t_b = a / s["charts/SPS"][a], b / s["charts/SPS"][b]  # training seconds since the first step (from 0)
+    env_a, env_b = s["time/env"][a], s["time/env"][b]
+    upd_a, upd_b = s["time/update"][a], s["time/update"][b]
+    utd = float(dict(zip(*[iter(shlex.split(flags))] * 2)).get("--utd", 0.5))
+    sps, env_sps = (b - a) / (t_b - t_a), (b - a) / (env_b - env_a)
+    return dict(window=[a, b], sps=round(sps, 1), env_sps=round(env_sps, 1), ratio=round(sps / env_sps, 3),
+                ms_per_update=round(1000 * (upd_b - upd_a) / ((b - a) * utd), 2))
+
+
+def main(args: Args):
+    configs = [c.split(":", 1) for c in args.configs]
+    results = {name: [] for name, _ in configs}
+    with tempfile.TemporaryDirectory() as workdir:
+        for k in range(args.rounds):
+            for name, flags in configs:
+                r = measure(name, flags, args, workdir, k)
+                results[name].append(r)
+                print(f"round {k} {name}: {r}", flush=True)
+    out = dict(
+        command="python benchmarks/sac_throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        device=f"CPU, {os.cpu_count()} cores", steps=args.steps, window_start=args.window_start,
+        configs={name: flags for name, flags in configs}, runs=results,
+        median_ratio={name: statistics.median(r["ratio"] for r in rs) for name, rs in results.items()})
+    print(json.dumps(out["median_ratio"]))
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
