@@ -6,7 +6,8 @@ succeeds. A person would press the peg against the face near the estimate and sw
   1. scripts that person (SpiralSearchDemo: the expert's approach to the estimate, then an Archimedean spiral with a
      pitch of 4 mm, below the hole's clearance diameter, pressed against the face, then a compliant push), with
      nothing but what the policy sees, and saves a few of its successful episodes in ManiSkill's trajectory format
-     (h5 + json; `--generate-demos`, or automatically, cached, when no `--demos` file is given);
+     (h5 + json; `--generate-demos`, or automatically, cached, when no `--demos` file is given), recorded with a
+     little noise on the executed actions and the clean ones kept as labels (DART, `--demo-noise`);
   2. loads demonstrations in that format (ours or a user's teleoperated ones) by replaying their actions in the
      simulator, which recomputes what a file may lack: the base's actions, the staged reward, terminations;
   3. trains residual SAC on them, RLPD-style, with what lets a policy hold a strategy rather than copy actions:
@@ -92,11 +93,13 @@ class Args:
     """write --num-demos successful episodes of the scripted search to --demos (or the default path) and exit"""
     demo_seed: int = 1000
     """seed of the scripted demonstrations' episodes (kept apart from training and eval seeds)"""
-    demo_noise: float = 0.0
+    demo_noise: float = 0.05
     """DART (Laskey et al. 2017): std of Gaussian noise (action units) added to the scripted demonstrator's arm
     actions while it records, so the demonstrations visit the near misses a cloned policy drifts into, each labelled
     with the demonstrator's clean action (saved as `expert_actions`, the BC target; `actions` stay the executed ones,
-    so the file replays). 0: clean demonstrations. The default cache gets its own file per noise level"""
+    so the file replays). 0: clean demonstrations. The default cache gets its own file per noise level. Measured
+    (BC alone on 10 demonstrations, 50 episodes, seeds 1/2/3): 0.78/0.74/0.76 success with 0.05, 0.58/0.62/0.62
+    clean; 0.1 gave 0.72 (seed 1), and the noisy demonstrator itself then failed half its episodes"""
 
     # environment
     env_id: str = common.HIDDEN_ENV_ID

@@ -6,7 +6,8 @@ At equal env steps, one seed per variant unless --seeds says more:
                the N demonstrations alone, with the same updates and seed as `bc<N>` would run
   sac          sac_residual.py on the same env and base, no demonstrations
   bc<N>        behaviour cloning alone as a run of its own (demo_explore_sac.py --total-timesteps 0), optional
-  <v>_dart<s>  demos<N> or bc<N> on noise-injected demonstrations (--demo-noise s, DART), e.g. demos10_dart0.05
+  <v>_dart<s>  demos<N> or bc<N> with --demo-noise s (DART), e.g. demos10_dart0.05; without the suffix the script's
+               default applies (0.05 now; runs before 2026-11-26 used clean demonstrations: _dart0)
   base         the base alone (logged by every run as eval_base/)
 Each run is a subprocess writing tensorboard logs under --workdir; eval/success_at_end, eval/success_once and
 eval/median_steps_to_success are read back into <out>.json and plotted into <out>.png. Runs are keyed by variant and

@@ -172,7 +172,7 @@ def test_training_writes_checkpoint_and_scalars(trained):
     assert [s for s, _ in tags["eval/success_at_end"]] == [0, 200, 300]  # after BC, then every eval
     assert "step 300/300" in out.stdout and "demonstrations: 2 episodes" in out.stdout
     assert "generating 2 scripted search demonstrations" in out.stdout
-    assert (tmp_path / "demos" / f"spiral_{HIDDEN}.h5").is_file()
+    assert (tmp_path / "demos" / f"spiral_{HIDDEN}_dart0.05.h5").is_file()  # DART by default
 
 
 def test_evaluate_checkpoint_prints_json(trained):
