@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 import tyro
+from curve import read_scalars  # benchmarks/ is on the path when this file runs as a script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,14 +45,6 @@ class Args:
     """the JSON to write"""
 
 
-def scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
-
-
 def measure(name, flags, args, workdir, k):
     exp = f"throughput_{name}_{k}"
     cmd = [sys.executable, os.path.join(ROOT, "sac_residual.py"), "--exp-name", exp, "--seed", "1", "--num-envs", "2",
@@ -61,13 +54,14 @@ def measure(name, flags, args, workdir, k):
     subprocess.run(cmd, cwd=workdir, check=True, stdout=subprocess.DEVNULL)
     (run_dir,) = [os.path.join(workdir, "runs", d) for d in os.listdir(os.path.join(workdir, "runs"))
                   if d.startswith(exp + "__")]
-    s = scalars(run_dir)
+    s = {tag: dict(read_scalars(run_dir, tag)) for tag in ("charts/SPS", "time/env", "time/update")}
     a, b = args.window_start, max(s["charts/SPS"])
     # charts/SPS and time/* are cumulative over the training time: difference them over the window
     t_a, t_b = a / s["charts/SPS"][a], b / s["charts/SPS"][b]  # training seconds since the first step (from 0)
     env_a, env_b = s["time/env"][a], s["time/env"][b]
     upd_a, upd_b = s["time/update"][a], s["time/update"][b]
-    utd = float(dict(zip(*[iter(shlex.split(flags))] * 2)).get("--utd", 0.5))
+    tokens = shlex.split(flags)
+    utd = float(tokens[tokens.index("--utd") + 1]) if "--utd" in tokens else 0.5  # sac_residual.py's default
     sps, env_sps = (b - a) / (t_b - t_a), (b - a) / (env_b - env_a)
     return dict(window=[a, b], sps=round(sps, 1), env_sps=round(env_sps, 1), ratio=round(sps / env_sps, 3),
                 ms_per_update=round(1000 * (upd_b - upd_a) / ((b - a) * utd), 2))

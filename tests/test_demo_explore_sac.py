@@ -146,6 +146,27 @@ def test_dart_demonstrations_store_clean_labels_and_replay(tmp_path):
         read_demo_file(str(path), 1, HIDDEN, 7)
 
 
+def test_bc_target_is_the_label_not_the_executed_action(demos, tmp_path):
+    """The script clones expert_actions where a file has them: a copy whose labels push every arm dimension to +1
+    saturates far more of the BC targets than the original, whose labels are its actions."""
+    path, _ = demos
+    copy = tmp_path / "relabelled.h5"
+    copy.write_bytes(path.read_bytes())
+    copy.with_suffix(".json").write_text(path.with_suffix(".json").read_text())
+    with h5py.File(copy, "r+") as f:
+        for name in f:
+            label = f[name]["actions"][()]
+            label[:, :6] = 1.0
+            f[name]["expert_actions"] = label
+    saturated = []
+    for file, name in ((path, "orig"), (copy, "relabelled")):
+        out = DEMO.train(tmp_path, "--demos", file, "--num-demos", "1", "--total-timesteps", "0",
+                         "--bc-pretrain-updates", "1", "--exp-name", name)
+        assert out.returncode == 0, out.stderr[-3000:]
+        saturated.append(DEMO.checkpoint(tmp_path, name)[1]["demos"]["demos/residual_saturated"])
+    assert saturated[1] > saturated[0] + 0.2, saturated
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The bare command (no --demos): generates the default set under demos/ first, then trains."""
