@@ -33,7 +33,6 @@ import mani_skill.envs  # noqa: E402,F401  (registers the ManiSkill tasks)
 from mani_skill.utils.geometry.rotation_conversions import (  # noqa: E402
     axis_angle_to_matrix,
     matrix_to_axis_angle,
-    quaternion_to_matrix,
 )
 
 ENV_ID = "PegInsertionSide-v1"
@@ -142,6 +141,26 @@ def _register_hidden_variant():
 
 
 _register_hidden_variant()
+
+
+@functools.lru_cache(maxsize=None)
+def _quaternion_consts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rotation matrix of a quaternion (r, i, j, k), row-major: 1 - 2s(q_a q_a + q_b q_b) on the diagonal and
+    2s(q_a q_b -/+ q_c q_d) off it, as indices into the flattened products q_m q_n (m * 4 + n), signs, diagonal."""
+    idx = torch.tensor([[10, 6, 7, 6, 5, 11, 7, 11, 5], [15, 12, 8, 12, 15, 4, 8, 4, 10]], device=device)
+    sign = torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0, -1.0, -1.0, 1.0, 1.0], device=device)
+    diag = torch.tensor([True, False, False, False, True, False, False, False, True], device=device)
+    return idx, sign, diag
+
+
+def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
+    """(..., 4) wxyz quaternions -> (..., 3, 3) rotation matrices, bit for bit what ManiSkill's (PyTorch3D's)
+    quaternion_to_matrix returns, in 7 tensor ops instead of ~30: it runs several times per env step (task features,
+    scripted bases, staged reward), where each small op's overhead, not its arithmetic, is the cost."""
+    idx, sign, diag = _quaternion_consts(q.device)
+    prods = (q[..., :, None] * q[..., None, :]).flatten(-2)[..., idx]  # (..., 2, 9)
+    v = (2.0 / (q * q).sum(-1))[..., None] * (prods[..., 0, :] + sign.to(q.dtype) * prods[..., 1, :])
+    return torch.where(diag, 1 - v, v).unflatten(-1, (3, 3))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -361,9 +380,9 @@ class VecEnv:
     `episode_keys` join info["episode"] with their value at the episode's last step.
     """
 
-    def __init__(self, env_id, num_envs, sim_backend, control_mode, images, camera_size, reward, reward_cfg, eval_mode,
-                 seed, reconfiguration_freq, record_dir=None, video_dir=None, wrapper=None, info_keys=(),
-                 episode_keys=(), env_kwargs=None):
+    def __init__(self, env_id, num_envs, sim_backend, control_mode, images, camera_size, reward, reward_cfg,
+                 ignore_terminations, seed, reconfiguration_freq, record_dir=None, video_dir=None, wrapper=None,
+                 info_keys=(), episode_keys=(), env_kwargs=None):
         self.num_envs, self.seed = num_envs, seed
         self.gpu = sim_backend == "physx_cuda"
         make_kwargs = dict(env_id=env_id, sim_backend=sim_backend, control_mode=control_mode, images=images,
@@ -373,13 +392,14 @@ class VecEnv:
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
             env = _make_maniskill(num_envs=num_envs, **make_kwargs)
-            self.envs = ManiSkillVectorEnv(env, num_envs, auto_reset=True, ignore_terminations=eval_mode)
+            self.envs = ManiSkillVectorEnv(env, num_envs, auto_reset=True,
+                                           ignore_terminations=ignore_terminations)
             self.device = self.envs.device
             self.single_observation_space = env.single_observation_space
             self.max_episode_steps = env.unwrapped.max_episode_steps
         else:
             fns = [
-                functools.partial(_cpu_worker, eval_mode, info_keys, dict(make_kwargs, num_envs=1), i)
+                functools.partial(_cpu_worker, ignore_terminations, info_keys, dict(make_kwargs, num_envs=1), i)
                 for i in range(num_envs)
             ]
             self.envs = gym.vector.AsyncVectorEnv(
@@ -500,6 +520,7 @@ def make_env(
     images: bool = False,
     camera_size: int = 64,
     eval_mode: bool = False,
+    ignore_terminations: Optional[bool] = None,
     seed: int = 0,
     reconfiguration_freq: Optional[int] = None,
     record_dir: Optional[str] = None,
@@ -518,7 +539,8 @@ def make_env(
     per CPU env; see keep_successful_trajectories), `video_dir` saves a video per episode. `wrapper(env)` wraps each
     simulator (batched torch, inside the worker process on the CPU back end, so it must pickle): a script's own
     reward term or measurement, reporting through `info_keys` / `episode_keys` (see VecEnv). `env_kwargs` go to
-    gym.make as they are (e.g. camera configs).
+    gym.make as they are (e.g. camera configs). `ignore_terminations` (default: `eval_mode`) keeps episodes going
+    after success until the time limit, as the evaluation does; training envs may ask for it too.
     """
     if reward not in ("staged", "normalized_dense", "sparse"):
         raise ConfigError(f"unknown --reward {reward!r}: choose staged, normalized_dense or sparse")
@@ -534,9 +556,11 @@ def make_env(
         )
     if reconfiguration_freq is None:
         reconfiguration_freq = 1 if eval_mode else (0 if backend == "physx_cuda" else 10)
+    if ignore_terminations is None:
+        ignore_terminations = eval_mode
     return VecEnv(env_id, num_envs, backend, control_mode, images, camera_size, reward,
-                  reward_cfg or StagedRewardConfig(), eval_mode, seed, reconfiguration_freq, record_dir, video_dir,
-                  wrapper, info_keys, episode_keys, env_kwargs)
+                  reward_cfg or StagedRewardConfig(), ignore_terminations, seed, reconfiguration_freq, record_dir,
+                  video_dir, wrapper, info_keys, episode_keys, env_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -429,7 +429,8 @@ if __name__ == "__main__":
                                   for _ in range(2))
         qf1_target.load_state_dict(qf1.state_dict()), qf2_target.load_state_dict(qf2.state_dict())
         q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
-        actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+        actor_params = list(actor.parameters())
+        actor_optimizer = torch.optim.Adam(actor_params, lr=args.policy_lr)
         log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=True)
         a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
         obs_rms = common.RunningMeanStd(res_dim, device=device)
@@ -514,7 +515,7 @@ if __name__ == "__main__":
             actor_loss = (alpha * log_pi - torch.min(qf1(x, action), qf2(x, action))[:, 0]).mean()
             actor_loss = actor_loss + args.residual_l2 * a_mean.pow(2).sum(-1).mean()
             actor_optimizer.zero_grad()
-            actor_loss.backward()
+            actor_loss.backward(inputs=actor_params)  # no gradients for the critics' weights
             actor_optimizer.step()
             alpha_loss = -(log_alpha.exp() * (log_pi.detach() + args.target_entropy)).mean()
             if args.autotune:

@@ -206,7 +206,8 @@ class Actor(nn.Module):
 # Replay buffer on the training device
 # ------------------------------------------------------------------------------------------------------------------
 class ReplayBuffer:
-    """Raw states (normalised at sample time, so stored data never goes stale), base actions and executed actions.
+    """States with their task features (normalised at sample time, so stored data never goes stale), base actions
+    and executed actions.
 
     Rows are added one env step at a time, `num_envs` rows per step, so env i's next step sits `num_envs` rows later:
     `sample(..., n_step)` walks that far to build n-step returns (the size is a multiple of num_envs, so wrapping
@@ -321,20 +322,22 @@ if __name__ == "__main__":
         qf1_target.load_state_dict(qf1.state_dict()), qf2_target.load_state_dict(qf2.state_dict())
         online_params = list(qf1.parameters()) + list(qf2.parameters())
         target_params = list(qf1_target.parameters()) + list(qf2_target.parameters())  # loaded in place on resume
-        q_optimizer = torch.optim.Adam(online_params, lr=args.q_lr)
-        actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+        q_optimizer = torch.optim.Adam(online_params, lr=args.q_lr, foreach=True)
+        actor_params = list(actor.parameters())
+        actor_optimizer = torch.optim.Adam(actor_params, lr=args.policy_lr, foreach=True)
         log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=True)
         a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
         obs_rms = common.RunningMeanStd(res_dim, device=device)
 
-        def rl_obs(state, a_base):
+        def rl_obs(res_state, a_base):
             """s_RL = [normalised (s, task features), a_base] (a_base is already in [-1, 1])."""
-            s = obs_rms.normalize(common.residual_state(state, args.task_features))
+            s = obs_rms.normalize(res_state)
             return torch.cat([s, a_base], -1) if args.residual_sees_base else s
 
         def deterministic_residual(obs, a_base):
             with torch.no_grad():
-                a_res = actor(rl_obs(obs["state"].to(device), a_base.to(device)))[0].tanh()
+                res_state = common.residual_state(obs["state"].to(device), args.task_features)
+                a_res = actor(rl_obs(res_state, a_base.to(device)))[0].tanh()
             return torch.where(torch.isfinite(a_res), a_res, 0.0).to(a_base.device)
 
         if ckpt:
@@ -359,7 +362,7 @@ if __name__ == "__main__":
         base = common.make_base_policy(args.base, envs, seed=args.seed)
         logger = common.Logger(run_name, args)
         ckpt_path = os.path.join(logger.dir, "ckpt.pt")
-        rb = ReplayBuffer(args.buffer_size, state_dim, act_dim, args.num_envs, device)
+        rb = ReplayBuffer(args.buffer_size, res_dim, act_dim, args.num_envs, device)
         global_step, num_updates, update_debt = 0, 0, 0.0
         eval_base_stats = None
         if ckpt:
@@ -369,6 +372,11 @@ if __name__ == "__main__":
             a_optimizer.load_state_dict(ckpt["a_optimizer"])
             with torch.no_grad():
                 log_alpha.copy_(ckpt["log_alpha"])
+            if ckpt["rb"]["data"]["obs"].shape[1] != res_dim:
+                raise common.ConfigError(
+                    f"{args.checkpoint}: its replay buffer holds {ckpt['rb']['data']['obs'].shape[1]}-dim states, this "
+                    f"version stores {res_dim} (states with their task features): written by an older "
+                    "sac_residual.py; --evaluate works with it, training resumes from this version's checkpoints")
             rb.load_state_dict(ckpt["rb"])
             global_step, num_updates, eval_base_stats = ckpt["global_step"], ckpt["num_updates"], ckpt["eval_base"]
             update_debt = ckpt["update_debt"]
@@ -400,7 +408,7 @@ if __name__ == "__main__":
             actor_loss = (alpha * log_pi - torch.min(qf1(x, action), qf2(x, action))[:, 0]).mean()
             actor_loss = actor_loss + args.residual_l2 * a_mean.pow(2).sum(-1).mean()
             actor_optimizer.zero_grad()
-            actor_loss.backward()
+            actor_loss.backward(inputs=actor_params)  # no gradients for the critics' weights: ~25% of this update
             actor_optimizer.step()
             alpha_loss = -(log_alpha.exp() * (log_pi.detach() + args.target_entropy)).mean()
             if args.autotune:
@@ -413,9 +421,9 @@ if __name__ == "__main__":
             with torch.no_grad():
                 torch._foreach_lerp_(target_params, online_params, args.tau)
 
-        def policy_step(state, a_base):
+        def policy_step(res_state, a_base):
             with torch.no_grad():
-                a_res, _, _ = actor.get_action(rl_obs(state, a_base))
+                a_res, _, _ = actor.get_action(rl_obs(res_state, a_base))
             # A diverged actor must not send NaN to the simulator; the loss check below stops the run.
             return torch.where(torch.isfinite(a_res), a_res, 0.0)
 
@@ -442,7 +450,7 @@ if __name__ == "__main__":
             """Reset every train env with a seed derived from the step: a checkpoint taken here resumes exactly."""
             obs = envs.reset(seed=args.seed + global_step, reconfigure=True)
             base.reset(torch.ones(args.num_envs, dtype=torch.bool, device=envs.device), seed=args.seed + global_step)
-            return obs, base(obs).to(device)
+            return common.residual_state(obs["state"].to(device), args.task_features), base(obs).to(device)
 
         def save():
             params = [p for net in (actor, qf1, qf2) for p in net.parameters()]
@@ -461,7 +469,7 @@ if __name__ == "__main__":
                 ))
 
         # ---- training loop ----
-        obs, a_base = restart_envs()
+        res_state, a_base = restart_envs()  # the residual's state: s and its task features
         if ckpt is None:
             run_eval()
         env_device = envs.device
@@ -483,13 +491,12 @@ if __name__ == "__main__":
         try:
             while global_step < args.total_timesteps:
                 t0 = time.perf_counter()
-                state = obs["state"].to(device)
                 # buffer states are normalised at sample time, so stored data never goes stale
-                obs_rms.update(common.residual_state(state, args.task_features))
+                obs_rms.update(res_state)
                 if global_step < args.learning_starts:
                     a_res = torch.zeros_like(a_base)  # base-only rollouts: the critic's warm-up data
                 else:
-                    a_res = policy_step(state, a_base)
+                    a_res = policy_step(res_state, a_base)
                     if args.progressive_steps > 0:  # Policy Decorator's progressive exploration schedule
                         p = min((global_step - args.learning_starts) / args.progressive_steps, 1.0)
                         a_res = a_res * (torch.rand(args.num_envs, 1, device=device) < p)
@@ -529,11 +536,14 @@ if __name__ == "__main__":
                 done = done.to(device)
                 # Bootstrap input [s', a_base']: at an episode end the base is not queried on the terminal state (a
                 # chunked VLA would spend a query on a state it never acts from): a_base stands in for a_base'.
-                rb.add(obs=state, a_base=a_base, action=action, reward=reward.to(device),
-                       next_obs=info["final_obs"]["state"].to(device),
+                # the task features of the true next states (terminal where an episode ended) and of the next
+                # iteration's, in one call; stored with the states, so no update recomputes them
+                final_res_state, next_res_state = common.residual_state(
+                    torch.cat([info["final_obs"]["state"], next_obs["state"]]).to(device), args.task_features).chunk(2)
+                rb.add(obs=res_state, a_base=a_base, action=action, reward=reward.to(device), next_obs=final_res_state,
                        next_a_base=torch.where(done[:, None], a_base, next_a_base), terminated=terminated.to(device),
                        done=done)
-                obs, a_base = next_obs, next_a_base
+                res_state, a_base = next_res_state, next_a_base
                 global_step += args.num_envs
 
                 # bookkeeping stays on the device: no .item() in the loop
@@ -582,7 +592,7 @@ if __name__ == "__main__":
                     next_eval += args.eval_freq
                     t0 = time.perf_counter()
                     run_eval()
-                    obs, a_base = restart_envs()
+                    res_state, a_base = restart_envs()
                     save()
                     t_start += time.perf_counter() - t0  # SPS counts training time only
                 if stop_requested:

@@ -14,11 +14,13 @@ eval/median_steps_to_success are read back into <out>.json and plotted into <out
 seed, so a rerun replaces its own entry and separate processes can fill one file.
 
     python benchmarks/demo_explore.py                                      # CPU, 2 envs, 30k steps per RL run
+    python benchmarks/demo_explore.py --variants demos10 --extra "--policy-lr 1e-4" --tag lr1e-4    # other flags
     python benchmarks/demo_explore.py --variants demos10 sac --total-timesteps 200_000 --num-envs 512  # GPU
 """
 
 import glob
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -55,6 +57,13 @@ class Args:
     """where the runs' logs, checkpoints and the cached demonstrations go"""
     device: str = "CPU, 2 cores"
     """the machine, in words, recorded with each run (name the GPU)"""
+    extra: str = ""
+    """further flags for every demo_explore_sac.py run (recorded in its command) ..."""
+    tag: str = ""
+    """... and a tag that keeps those runs apart: variant `<variant>+<tag>` in the JSON"""
+    collect_only: bool = False
+    """read runs already in --workdir (named as this benchmark names them) instead of running them; CPU runs are
+    deterministic, so the recorded command reproduces their numbers"""
 
 
 def command(args: Args, variant: str, seed: int, name: str) -> list[str]:
@@ -70,7 +79,7 @@ def command(args: Args, variant: str, seed: int, name: str) -> list[str]:
     steps = args.total_timesteps if kind == "demos" else 0
     return [os.path.join(ROOT, "demo_explore_sac.py"), "--num-demos", n, "--bc-pretrain-updates",
             str(args.bc_updates), "--total-timesteps", str(steps), *(["--demo-noise", noise] if noise else []),
-            *common_flags]
+            *common_flags, *shlex.split(args.extra)]
 
 
 def plot(results, out):
@@ -116,18 +125,20 @@ def main(args: Args):
     os.makedirs(args.workdir, exist_ok=True)
     for variant in args.variants:
         for seed in args.seeds:
-            name = f"demo_explore_{variant}_s{seed}"
+            key = f"{variant}+{args.tag}" if args.tag else variant
+            name = f"demo_explore_{key}_s{seed}"
             cmd = command(args, variant, seed, name)
-            print("running:", " ".join(cmd), flush=True)
             start = time.time()
-            subprocess.run([sys.executable, *cmd], cwd=args.workdir, check=True)
+            if not args.collect_only:
+                print("running:", " ".join(cmd), flush=True)
+                subprocess.run([sys.executable, *cmd], cwd=args.workdir, check=True)
             run_dir = sorted(glob.glob(os.path.join(args.workdir, "runs", name + "__*")))[-1]
             sps = read_scalars(run_dir, "charts/SPS")
             ratio = read_scalars(run_dir, "charts/SPS_over_env_SPS")
             results = merge(args.out + ".json", dict(
-                variant=variant, seed=seed, base=args.base, command=" ".join(["python"] + cmd).replace(ROOT + "/", ""),
+                variant=key, seed=seed, base=args.base, command=shlex.join(["python"] + cmd).replace(ROOT + "/", ""),
                 device=args.device, num_envs=args.num_envs, num_eval_episodes=args.num_eval_episodes,
-                total_timesteps=args.total_timesteps, wall_s=time.time() - start,
+                total_timesteps=args.total_timesteps, wall_s=None if args.collect_only else time.time() - start,
                 eval_success_at_end=read_scalars(run_dir, "eval/success_at_end"),
                 eval_success_once=read_scalars(run_dir, "eval/success_once"),
                 eval_median_steps_to_success=read_scalars(run_dir, "eval/median_steps_to_success"),

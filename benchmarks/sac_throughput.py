@@ -8,6 +8,12 @@ gradient update every 1 / utd env steps.
 
     python benchmarks/sac_throughput.py                       # 3 configs x 2 rounds of 8,000 env steps
     python benchmarks/sac_throughput.py --rounds 3 --configs "w256:--hidden-dim 256" "w128:--hidden-dim 128"
+    git worktree add /tmp/old <commit>                        # against an older version of the script:
+    python benchmarks/sac_throughput.py --configs "old@/tmp/old/sac_residual.py:" "new:"
+    python benchmarks/sac_throughput.py --configs "ppo@ppo_residual.py:" --out benchmarks/results/ppo_throughput.json
+
+Another script than sac_residual.py (e.g. ppo_residual.py, whose steps/s are logged once per 1,000-step rollout by
+default) runs with only the shared flags; ms per update is then the update phase's time per env step.
 
 Writes benchmarks/results/sac_throughput.json: per config and round, the window's training steps/s, simulator
 steps/s, their ratio and ms per gradient update; and the median ratio per config.
@@ -33,7 +39,8 @@ class Args:
     configs: list[str] = field(default_factory=lambda: [
         "w256_utd0.5:--hidden-dim 256 --utd 0.5", "w128_utd0.5:--hidden-dim 128 --utd 0.5",
         "w128_utd1:--hidden-dim 128 --utd 1.0"])
-    """name:extra flags of sac_residual.py, one per configuration"""
+    """name:extra flags of sac_residual.py, one per configuration; name@path:flags runs the script at path instead
+    (another version of sac_residual.py)"""
     rounds: int = 2
     """rounds; each runs every configuration once, in turn"""
     steps: int = 8_000
@@ -46,11 +53,16 @@ class Args:
 
 
 def measure(name, flags, args, workdir, k):
+    name, _, script = name.partition("@")
     exp = f"throughput_{name}_{k}"
-    cmd = [sys.executable, os.path.join(ROOT, "sac_residual.py"), "--exp-name", exp, "--seed", "1", "--num-envs", "2",
+    script = os.path.abspath(script) if script else os.path.join(ROOT, "sac_residual.py")
+    sac = os.path.basename(script) == "sac_residual.py"
+    cmd = [sys.executable, script, "--exp-name", exp, "--seed", "1", "--num-envs", "2",
            "--total-timesteps", str(args.steps), "--eval-freq", str(10 * args.steps), "--num-eval-episodes", "2",
-           "--learning-starts", "2000", "--critic-warmup-updates", "100", "--progressive-steps", "2000",
-           "--log-freq", "1000", "--no-save-model", *shlex.split(flags)]
+           "--no-save-model", *shlex.split(flags)]
+    if sac:
+        cmd += ["--learning-starts", "2000", "--critic-warmup-updates", "100", "--progressive-steps", "2000",
+                "--log-freq", "1000"]
     subprocess.run(cmd, cwd=workdir, check=True, stdout=subprocess.DEVNULL)
     (run_dir,) = [os.path.join(workdir, "runs", d) for d in os.listdir(os.path.join(workdir, "runs"))
                   if d.startswith(exp + "__")]
@@ -63,23 +75,41 @@ def measure(name, flags, args, workdir, k):
     tokens = shlex.split(flags)
     utd = float(tokens[tokens.index("--utd") + 1]) if "--utd" in tokens else 0.5  # sac_residual.py's default
     sps, env_sps = (b - a) / (t_b - t_a), (b - a) / (env_b - env_a)
-    return dict(window=[a, b], sps=round(sps, 1), env_sps=round(env_sps, 1), ratio=round(sps / env_sps, 3),
-                ms_per_update=round(1000 * (upd_b - upd_a) / ((b - a) * utd), 2))
+    out = dict(window=[a, b], sps=round(sps, 1), env_sps=round(env_sps, 1), ratio=round(sps / env_sps, 3))
+    if sac:
+        out["ms_per_update"] = round(1000 * (upd_b - upd_a) / ((b - a) * utd), 2)
+    else:
+        out["update_ms_per_env_step"] = round(1000 * (upd_b - upd_a) / (b - a), 3)
+    return out
+
+
+def git_commit(script):
+    """The commit of the repository a script sits in, with '+' if its working tree differs (None outside git)."""
+    folder = os.path.dirname(os.path.abspath(script)) if script else ROOT
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
 
 
 def main(args: Args):
     configs = [c.split(":", 1) for c in args.configs]
-    results = {name: [] for name, _ in configs}
+    results = {name.partition("@")[0]: [] for name, _ in configs}
     with tempfile.TemporaryDirectory() as workdir:
         for k in range(args.rounds):
             for name, flags in configs:
                 r = measure(name, flags, args, workdir, k)
-                results[name].append(r)
+                results[name.partition("@")[0]].append(r)
                 print(f"round {k} {name}: {r}", flush=True)
     out = dict(
         command="python benchmarks/sac_throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         device=f"CPU, {os.cpu_count()} cores", steps=args.steps, window_start=args.window_start,
         configs={name: flags for name, flags in configs}, runs=results,
+        commits={name.partition("@")[0]: git_commit(name.partition("@")[2]) for name, _ in configs},
         median_ratio={name: statistics.median(r["ratio"] for r in rs) for name, rs in results.items()})
     print(json.dumps(out["median_ratio"]))
     with open(args.out, "w") as f:

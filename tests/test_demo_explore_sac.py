@@ -70,6 +70,20 @@ def test_replay_recomputes_base_actions_rewards_and_ends(demos):
     assert d["reward"].max() <= 1.0 and d["reward"][ends].min() == 1.0  # the staged reward pays success
 
 
+def test_continuing_replay_bootstraps_at_the_insertion(demos):
+    """--continue-after-success: success ends no episode, so the demonstrations' last transitions are not terminal
+    (the critic bootstraps through them) but still close their episodes for the n-step returns."""
+    path, _ = demos
+    meta, actions, labels = read_demo_file(str(path), 2, HIDDEN, 7)
+    d = replay_demos(meta, actions, labels, HIDDEN, "expert", "staged", seed=0, continuing=True)
+    assert d["lengths"].tolist() == [len(a) for a in actions]  # kept: each file episode ends inserted
+    ends = d["lengths"].cumsum(0) - 1
+    assert d["terminated"].sum() == 0 and d["done"][ends].all() and d["done"].sum() == 2
+    assert d["reward"][ends].min() == 1.0
+    ref = replay_demos(meta, actions, labels, HIDDEN, "expert", "staged", seed=0)
+    assert torch.equal(d["obs"], ref["obs"]) and torch.equal(d["reward"], ref["reward"])
+
+
 def test_search_features_read_the_head_offset_from_the_estimate_and_the_force():
     state = torch.zeros(1, 46)
     L = 0.1
@@ -147,8 +161,9 @@ def test_dart_demonstrations_store_clean_labels_and_replay(tmp_path):
 
 
 def test_bc_target_is_the_label_not_the_executed_action(demos, tmp_path):
-    """The script clones expert_actions where a file has them: a copy whose labels push every arm dimension to +1
-    saturates far more of the BC targets than the original, whose labels are its actions."""
+    """The script clones expert_actions where a file has them, in the BC pretraining and in the BC term during RL: a
+    copy whose labels push every arm dimension to +1 saturates far more of the BC targets than the original, whose
+    labels are its actions, and its BC loss during RL is larger (same seed, same executed actions)."""
     path, _ = demos
     copy = tmp_path / "relabelled.h5"
     copy.write_bytes(path.read_bytes())
@@ -158,13 +173,16 @@ def test_bc_target_is_the_label_not_the_executed_action(demos, tmp_path):
             label = f[name]["actions"][()]
             label[:, :6] = 1.0
             f[name]["expert_actions"] = label
-    saturated = []
+    saturated, bc_loss = [], []
     for file, name in ((path, "orig"), (copy, "relabelled")):
-        out = DEMO.train(tmp_path, "--demos", file, "--num-demos", "1", "--total-timesteps", "0",
-                         "--bc-pretrain-updates", "1", "--exp-name", name)
+        out = DEMO.train(tmp_path, "--demos", file, "--num-demos", "1", "--total-timesteps", "150",
+                         "--bc-pretrain-updates", "1", "--eval-freq", "1000", "--exp-name", name)
         assert out.returncode == 0, out.stderr[-3000:]
-        saturated.append(DEMO.checkpoint(tmp_path, name)[1]["demos"]["demos/residual_saturated"])
+        run_dir, ckpt = DEMO.checkpoint(tmp_path, name)
+        saturated.append(ckpt["demos"]["demos/residual_saturated"])
+        bc_loss.append(scalars(run_dir)["losses/bc_loss"][-1][1])
     assert saturated[1] > saturated[0] + 0.2, saturated
+    assert bc_loss[1] > 2 * bc_loss[0], bc_loss
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +245,19 @@ def test_resume_is_exact(demos, tmp_path):
     for net in ("actor", "qf1", "qf2", "qf1_target"):
         assert_same_tensors(a[net], b[net], net)
     assert torch.equal(a["rb"]["data"]["reward"], b["rb"]["data"]["reward"])
+
+
+def test_ibrl_keeps_the_bc_policy_frozen_and_resumes_exactly(demos, tmp_path):
+    """--ibrl: the BC-pretrained residual is kept, frozen, beside the RL one (its weights are BC-alone's, same seed),
+    the RL one moves away from it, the share of steps that took BC's action is logged, and a resume is exact."""
+    args = ["--demos", demos[0], "--num-demos", "1", "--eval-freq", "150", "--seed", "3"]
+    (full_dir, a), (_, b) = DEMO.resume_pair(tmp_path, [*args, "--ibrl"], 300, 150)
+    for net in ("actor", "bc_actor", "qf1", "qf2", "qf1_target"):
+        assert_same_tensors(a[net], b[net], net)
+    bc = DEMO.train(tmp_path, *args, "--total-timesteps", "0", "--exp-name", "bc")
+    assert bc.returncode == 0, bc.stderr[-3000:]
+    bc_actor = DEMO.checkpoint(tmp_path, "bc")[1]["actor"]
+    assert_same_tensors(a["bc_actor"], bc_actor, "bc_actor")
+    assert not torch.equal(a["actor"]["mean.weight"], bc_actor["mean.weight"])  # RL trained the other one
+    share = [v for _, v in scalars(full_dir)["residual/ibrl_bc_share"]]
+    assert share and all(0.0 <= v <= 1.0 for v in share), share

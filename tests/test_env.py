@@ -86,6 +86,27 @@ def test_success_step_and_median_steps_to_success():
         envs.close()
 
 
+def test_train_env_ends_at_success_unless_told_to_ignore_terminations():
+    """Train envs end an episode at success; with ignore_terminations=True (demo_explore_sac.py's
+    --continue-after-success) the same episode runs on to the time limit, as an eval episode does."""
+    ends = {}
+    for ignore in (None, True):
+        envs = common.make_env(1, "physx_cpu", seed=5, ignore_terminations=ignore)
+        try:
+            expert = common.ExpertBase(1, "cpu")
+            obs = envs.reset(seed=5)
+            for t in range(1, envs.max_episode_steps + 1):
+                obs, _, terminated, truncated, info = envs.step(expert(obs))
+                if terminated.any() or truncated.any():
+                    break
+            ends[ignore] = (t, bool(terminated[0]), info["episode"]["success_step"][0].item())
+        finally:
+            envs.close()
+    (t0, term0, first0), (t1, term1, first1) = ends[None], ends[True]
+    assert term0 and t0 == first0 < 100  # ended on its first success
+    assert not term1 and t1 == 100 and first1 == first0  # the same success, then on to the time limit
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

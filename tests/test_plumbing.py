@@ -30,6 +30,20 @@ def test_residual_obs_is_state_then_base_action():
     assert obs.shape == (3, 50) and torch.equal(obs[:, :43], s) and torch.equal(obs[:, 43:], a)
 
 
+@pytest.mark.parametrize("shape,dtype", [((1, 4), torch.float32), ((256, 4), torch.float32),
+                                         ((5, 3, 4), torch.float64)])
+def test_quaternion_to_matrix_is_maniskills_bit_for_bit(shape, dtype):
+    from mani_skill.utils.geometry.rotation_conversions import quaternion_to_matrix as maniskill_q2m
+
+    q = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)  # unnormalised on purpose
+    R = common.quaternion_to_matrix(q)
+    assert R.shape == (*shape[:-1], 3, 3) and R.dtype == dtype
+    assert torch.equal(R, maniskill_q2m(q))
+    u = q / q.norm(dim=-1, keepdim=True)  # and it is a rotation
+    torch.testing.assert_close(common.quaternion_to_matrix(u) @ common.quaternion_to_matrix(u).transpose(-1, -2),
+                               torch.eye(3, dtype=dtype).expand(*shape[:-1], 3, 3))
+
+
 def test_checkpoint_round_trip_and_errors(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     common.save_checkpoint(path, dict(script="sac_residual.py", base="coarse", step=5, w=torch.arange(3)))

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from conftest import Script, assert_same_tensors, interrupt_after, run, scalars
+from test_cli import assert_one_line_error
 
 import common
 
@@ -68,7 +69,8 @@ def test_training_writes_checkpoint_and_scalars(trained):
     run_dir, ckpt = checkpoint(tmp_path, "t")
     assert ckpt["global_step"] == 300 and ckpt["base"] == "expert" and ckpt["args"]["total_timesteps"] == 300
     assert ckpt["num_updates"] == int(0.5 * (300 - 100))  # utd 0.5 after the warm-up, plus the critic warm-up
-    assert ckpt["rb"]["ptr"] == 300 and ckpt["rb"]["data"]["obs"].shape == (300, common.STATE_DIM)
+    assert ckpt["rb"]["ptr"] == 300  # states stored with their task features
+    assert ckpt["rb"]["data"]["obs"].shape == (300, common.STATE_DIM + common.TASK_FEATURE_DIM)
     for key in ("actor", "qf1", "qf2", "qf1_target", "qf2_target", "q_optimizer", "actor_optimizer", "a_optimizer",
                 "log_alpha", "obs_rms", "rng", "eval_base"):
         assert key in ckpt
@@ -91,6 +93,18 @@ def test_evaluate_checkpoint_prints_json(trained):
     assert out.returncode == 0, out.stderr[-3000:]
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["eval/episodes"] == 1 and 0 <= stats["eval/success_at_end"] <= 1
+
+
+def test_resuming_an_older_buffer_layout_is_a_clear_error(trained, tmp_path):
+    """Checkpoints whose replay buffer holds bare states (before the task features were stored with them) still
+    evaluate, but cannot resume training: one line that says why."""
+    run_dir, ckpt = checkpoint(trained[0], "t")
+    for key in ("obs", "next_obs"):
+        ckpt["rb"]["data"][key] = ckpt["rb"]["data"][key][:, : common.STATE_DIM]
+    old = tmp_path / "old.pt"
+    common.save_checkpoint(str(old), ckpt)
+    assert_one_line_error(train(tmp_path, "--base", "expert", "--total-timesteps", "400", "--checkpoint", old),
+                          f"holds {common.STATE_DIM}-dim states")
 
 
 def test_saved_trajectories_replay_with_maniskill(trained):
