@@ -769,18 +769,24 @@ if __name__ == "__main__":
                 parts.append(search_features(state[:, :env_state_dim]))
             return torch.cat(parts, -1)
 
-        def rl_obs(state, a_base):
-            """s_RL = [normalised (s, task features, search features), a_base] (a_base is already in [-1, 1])."""
-            s = obs_rms.normalize(residual_state(state))
+        def rl_obs(state, a_base, res_state=None):
+            """s_RL = [normalised (s, task features, search features), a_base] (a_base is already in [-1, 1]);
+            `res_state`: residual_state(state) if already computed."""
+            s = obs_rms.normalize(residual_state(state) if res_state is None else res_state)
             return torch.cat([s, a_base], -1) if args.residual_sees_base else s
 
         eval_clock = SearchClock(args.num_eval_envs, device, args.search_features)
+
+        def min_q(x, a_base, a_res, critics):
+            """(B,) min(Q1, Q2) of the executed action a_base + scale * a_res."""
+            action = common.compose_action(a_base, a_res, args.residual_scale)
+            return torch.min(*(q(x, action) for q in critics))[:, 0]
 
         def ibrl_pick(x, a_base, on, a_rl, q_rl, critics):
             """IBRL's choice between the RL residual a_rl (valued q_rl, (B,)) and the frozen BC one: the higher of
             min(Q1, Q2) per row. Returns the chosen residual, its value and whether BC's was taken."""
             a_il = bc_actor(x)[0].tanh() * on
-            q_il = torch.min(*(q(x, common.compose_action(a_base, a_il, args.residual_scale)) for q in critics))[:, 0]
+            q_il = min_q(x, a_base, a_il, critics)
             take_il = q_il > q_rl
             return torch.where(take_il[:, None], a_il, a_rl), torch.where(take_il, q_il, q_rl), take_il
 
@@ -791,9 +797,7 @@ if __name__ == "__main__":
                 x = rl_obs(state, a_base)
                 a_res = actor(x)[0].tanh() * on
                 if args.ibrl:
-                    q = torch.min(*(q(x, common.compose_action(a_base, a_res, args.residual_scale))
-                                    for q in (qf1, qf2)))[:, 0]
-                    a_res = ibrl_pick(x, a_base, on, a_res, q, (qf1, qf2))[0]
+                    a_res = ibrl_pick(x, a_base, on, a_res, min_q(x, a_base, a_res, (qf1, qf2)), (qf1, qf2))[0]
             return torch.where(torch.isfinite(a_res), a_res, 0.0).to(obs["state"].device)
 
         deterministic_residual.reset = eval_clock.reset  # common.evaluate resets it with the episodes
@@ -918,16 +922,15 @@ if __name__ == "__main__":
             with torch.no_grad():
                 torch._foreach_lerp_(target_params, online_params, args.tau)
 
-        def policy_step(state, a_base):
+        def policy_step(state, a_base, res_state):
             """The residual to act with, and whether IBRL took the BC one (per env)."""
             with torch.no_grad():
-                x, on = rl_obs(state, a_base), active(state)
+                x, on = rl_obs(state, a_base, res_state), active(state)
                 a_res = actor.get_action(x)[0] * on
                 take_il = torch.zeros(len(state), dtype=torch.bool, device=device)
                 if args.ibrl:
-                    q = torch.min(*(q(x, common.compose_action(a_base, a_res, args.residual_scale))
-                                    for q in (qf1, qf2)))[:, 0]
-                    a_res, _, take_il = ibrl_pick(x, a_base, on, a_res, q, (qf1, qf2))
+                    a_res, _, take_il = ibrl_pick(x, a_base, on, a_res, min_q(x, a_base, a_res, (qf1, qf2)),
+                                                  (qf1, qf2))
             return torch.where(torch.isfinite(a_res), a_res, 0.0), take_il
 
         def bc_coef_at(step):
@@ -1016,8 +1019,9 @@ if __name__ == "__main__":
         try:
             while global_step < args.total_timesteps:
                 t0 = time.perf_counter()
-                obs_rms.update(residual_state(state))
-                a_res, took_bc = policy_step(state, a_base)  # from the first step: the BC-initialised residual explores
+                res_state = residual_state(state)  # once: for the normaliser and the policy
+                obs_rms.update(res_state)
+                a_res, took_bc = policy_step(state, a_base, res_state)  # the BC-initialised residual explores
                 action = common.compose_action(a_base, a_res, args.residual_scale)
                 norm_sums += torch.stack([a_base.norm(dim=-1).sum(), (args.residual_scale * a_res).norm(dim=-1).sum(),
                                           took_bc.float().sum()])
