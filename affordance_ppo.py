@@ -514,9 +514,10 @@ if __name__ == "__main__":
         obs_rms = common.RunningMeanStd(res_dim, device=device)
         return_rms = common.RunningMeanStd((), device=device)
 
-        def rl_obs(state, a_base):
-            """s_RL = [normalised (s, task features), a_base] (a_base is already in [-1, 1])."""
-            s = common.residual_state(state, args.task_features)
+        def rl_obs(state, a_base, res_state=None):
+            """s_RL = [normalised (s, task features), a_base] (a_base is already in [-1, 1]); `res_state`: the
+            (s, task features) part if already computed."""
+            s = common.residual_state(state, args.task_features) if res_state is None else res_state
             s = obs_rms.normalize(s) if args.norm_obs else s
             return torch.cat([s, a_base], -1) if args.residual_sees_base else s
 
@@ -658,9 +659,10 @@ if __name__ == "__main__":
                 t0 = time.perf_counter()
                 for step in range(args.num_steps):
                     state = obs["state"].to(device)
+                    res_state = common.residual_state(state, args.task_features)
                     if args.norm_obs:
-                        obs_rms.update(common.residual_state(state, args.task_features))
-                    x = rl_obs(state, a_base)
+                        obs_rms.update(res_state)
+                    x = rl_obs(state, a_base, res_state)
                     u, logprob, value = policy_step(x)
                     # A diverged policy must not send NaN to the simulator; the loss check below stops the run.
                     a_res = torch.where(torch.isfinite(u), u, 0.0).tanh()
@@ -679,10 +681,13 @@ if __name__ == "__main__":
                     rewards[step], terminateds[step], dones[step] = reward, terminated, done.float()
                     # At an episode end the bootstrap value is V(final observation); the base is not queried there
                     # (a chunked VLA would spend a query on a state it never acts from): a_base stands in for a_base'.
-                    # (Computed for every env and masked: cheaper than a device sync on done.any().)
-                    with torch.no_grad():
-                        final_x = rl_obs(info["final_obs"]["state"].to(device), a_base)
-                        final_values[step] = torch.where(done, agent.get_value(final_x), 0.0)
+                    # On a GPU it is computed for every env and masked, cheaper than a device sync on done.any(); on
+                    # the CPU, where the check costs nothing, only at steps where an episode ended (~1 in 50).
+                    final_values[step] = 0.0
+                    if device.type != "cpu" or done.any():
+                        with torch.no_grad():
+                            final_x = rl_obs(info["final_obs"]["state"].to(device), a_base)
+                            final_values[step] = torch.where(done, agent.get_value(final_x), 0.0)
                     # bookkeeping stays on the device: no .item() in the loop
                     d, ep = done.float(), info["episode"]
                     ep_sums += torch.stack([d.sum()] + [(ep[k].to(device).float() * d).sum()
