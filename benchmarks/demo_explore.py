@@ -20,6 +20,7 @@ seed, so a rerun replaces its own entry and separate processes can fill one file
 
 import glob
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -104,18 +105,29 @@ def plot(results, out):
     ax.legend(fontsize=7)
     ax.set_title(f"PegInsertionSideHidden-v1, {runs[0]['num_eval_episodes']} eval episodes per point, "
                  f"{runs[0]['device']} (step 0 of a demos run: BC alone)", fontsize=8)
-    # final success by number of demonstrations: RL with demos vs BC alone
-    demo_runs = [r for r in runs if r["variant"][:5] == "demos" and r["variant"][5:].isdigit()
-                 and r["eval_success_at_end"]]
-    for label, marker, pick in (("RL + demos (last eval)", "o-", -1), ("BC alone (step 0)", "s--", 0)):
-        pts = sorted((int(r["variant"][5:]), r["eval_success_at_end"][pick][1]) for r in demo_runs)
+    # success by number of demonstrations (mean over seeds): RL with demos (last eval) vs BC alone (its step 0)
+    by_n = {}
+    for r in runs:
+        m = re.fullmatch(r"demos(\d+)(_dart[\d.]+)?", r["variant"])
+        if m and r["eval_success_at_end"]:
+            by_n.setdefault(int(m[1]), []).append(r["eval_success_at_end"])
+    at = lambda step: lambda c: next((v for s, v in c if s == step), None)  # noqa: E731
+    for label, marker, pick in (("RL + demos, last eval", "o-", lambda c: c[-1][1]),
+                                ("RL + demos, 20k steps (the script's default budget)", "^-", at(20_000)),
+                                ("BC alone (step 0)", "s--", lambda c: c[0][1])):
+        pts = sorted((n, sum(map(pick, cs)) / len(cs)) for n, cs in by_n.items() if all(pick(c) is not None for c in cs))
         if pts:
             ax2.plot(*zip(*pts), marker, label=label)
+    for n, cs in by_n.items():
+        ax2.annotate(f"{len(cs)} seed{'s' if len(cs) > 1 else ''}", (n, sum(c[-1][1] for c in cs) / len(cs)),
+                     textcoords="offset points", xytext=(4, 6), fontsize=7)
     ax2.set_xscale("log")
     ax2.set_xticks([1, 3, 10], ["1", "3", "10"])
     ax2.set_xlabel("demonstrations")
+    ax2.set_ylabel("eval success_at_end, mean over seeds")
     ax2.set_ylim(-0.02, 1.02)
-    ax2.legend(fontsize=7)
+    if by_n:
+        ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out + ".png", dpi=120)
     plt.close(fig)
