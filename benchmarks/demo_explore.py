@@ -111,9 +111,11 @@ def plot(results, out):
         m = re.fullmatch(r"demos(\d+)(_dart[\d.]+)?", r["variant"])
         if m and r["eval_success_at_end"]:
             by_n.setdefault(int(m[1]), []).append(r["eval_success_at_end"])
-    at = lambda step: lambda c: next((v for s, v in c if s == step), None)  # noqa: E731
+    def at_20k(curve):
+        return dict(curve).get(20_000)
+
     for label, marker, pick in (("RL + demos, last eval", "o-", lambda c: c[-1][1]),
-                                ("RL + demos, 20k steps (the script's default budget)", "^-", at(20_000)),
+                                ("RL + demos, 20k steps (the script's default budget)", "^-", at_20k),
                                 ("BC alone (step 0)", "s--", lambda c: c[0][1])):
         pts = sorted((n, sum(map(pick, cs)) / len(cs)) for n, cs in by_n.items() if all(pick(c) is not None for c in cs))
         if pts:
