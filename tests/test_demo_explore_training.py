@@ -1,4 +1,5 @@
-"""demo_explore_sac.py end to end as a subprocess with a tiny budget: train, BC alone, evaluate, resume, IBRL.
+"""demo_explore_sac.py end to end as a subprocess with a tiny budget: train, BC alone, evaluate, exact resume (with
+IBRL and the averaged actor).
 (Apart from the demonstration-file tests so that the two halves run on two workers.)"""
 
 import json
@@ -63,17 +64,24 @@ def test_bc_alone_reuses_the_cached_demos(trained):
     assert [s for s, _ in tags["eval/success_at_end"]] == [0] and "losses/bc_pretrain_loss" in tags
 
 
-def test_ibrl_keeps_the_bc_policy_frozen_and_resumes_exactly(demos, tmp_path):
-    """--ibrl: the BC-pretrained residual is kept, frozen, beside the RL one (its weights are BC-alone's, same seed),
-    the RL one moves away from it, the share of steps that took BC's action is logged, and a resume is exact."""
+def test_resume_is_exact_with_ibrl_and_the_averaged_actor(demos, tmp_path):
+    """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint, with every optional
+    network on. --ibrl: the BC-pretrained residual is kept, frozen, beside the RL one (its weights are BC-alone's,
+    same seed), the RL one moves away from it, and the share of steps that took BC's action is logged. --eval-ema:
+    the averaged actor trails the actor."""
     args = ["--demos", demos[0], "--num-demos", "1", "--eval-freq", "150", "--seed", "3"]
-    (full_dir, a), (_, b) = DEMO.resume_pair(tmp_path, [*args, "--ibrl"], 300, 150)
-    for net in ("actor", "bc_actor", "qf1", "qf2", "qf1_target"):
+    (full_dir, a), (_, b) = DEMO.resume_pair(tmp_path, [*args, "--ibrl", "--eval-ema", "0.9"], 300, 150)
+    assert a["global_step"] == b["global_step"] == 300 and a["num_updates"] == b["num_updates"]
+    for net in ("actor", "bc_actor", "actor_ema", "qf1", "qf2", "qf1_target"):
         assert_same_tensors(a[net], b[net], net)
+    assert torch.equal(a["rb"]["data"]["reward"], b["rb"]["data"]["reward"])
+    ema = a["actor_ema"]["mean.weight"]
+    assert torch.isfinite(ema).all() and not torch.equal(ema, a["actor"]["mean.weight"])
     bc = DEMO.train(tmp_path, *args, "--total-timesteps", "0", "--exp-name", "bc")
     assert bc.returncode == 0, bc.stderr[-3000:]
     bc_actor = DEMO.checkpoint(tmp_path, "bc")[1]["actor"]
     assert_same_tensors(a["bc_actor"], bc_actor, "bc_actor")
     assert not torch.equal(a["actor"]["mean.weight"], bc_actor["mean.weight"])  # RL trained the other one
+    assert not torch.equal(ema, bc_actor["mean.weight"])  # the average left the BC start, behind the actor
     share = [v for _, v in scalars(full_dir)["residual/ibrl_bc_share"]]
     assert share and all(0.0 <= v <= 1.0 for v in share), share
