@@ -592,7 +592,7 @@ if __name__ == "__main__":
             loss.backward()
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
-            return torch.stack([v_loss, pg_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac])
+            return torch.stack([v_loss, pg_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
 
         if args.compile:
             policy_step, update = torch.compile(policy_step), torch.compile(update)

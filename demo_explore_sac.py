@@ -914,7 +914,7 @@ if __name__ == "__main__":
             q_optimizer.zero_grad()
             (qf1_loss + qf2_loss).backward()
             q_optimizer.step()
-            return torch.stack([q1.mean(), q2.mean(), qf1_loss, qf2_loss])
+            return torch.stack([q1.mean(), q2.mean(), qf1_loss, qf2_loss]).detach()
 
         def update_actor(b, bc_coef):
             x = rl_obs(b["obs"], b["a_base"])
@@ -933,7 +933,7 @@ if __name__ == "__main__":
             if actor_ema is not None:
                 with torch.no_grad():
                     torch._foreach_lerp_(ema_params, actor_params, 1.0 - args.eval_ema)
-            return torch.stack([actor_loss, bc])
+            return torch.stack([actor_loss, bc]).detach()
 
         def soft_update():
             with torch.no_grad():

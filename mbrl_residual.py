@@ -506,7 +506,7 @@ if __name__ == "__main__":
             q_optimizer.zero_grad()
             (qf1_loss + qf2_loss).backward()
             q_optimizer.step()
-            return torch.stack([q1.mean(), q2.mean(), qf1_loss, qf2_loss])
+            return torch.stack([q1.mean(), q2.mean(), qf1_loss, qf2_loss]).detach()
 
         def update_actor(b, alpha):
             x = rl_obs(b["obs"], b["a_base"])
@@ -522,7 +522,7 @@ if __name__ == "__main__":
                 a_optimizer.zero_grad()
                 alpha_loss.backward()
                 a_optimizer.step()
-            return torch.stack([actor_loss, alpha_loss])
+            return torch.stack([actor_loss, alpha_loss]).detach()
 
         def soft_update():
             with torch.no_grad():

@@ -86,7 +86,8 @@ class Args:
     """bound of the residual in action units: a = clip(a_base + scale * tanh(.)) (Policy Decorator's alpha); 0.1 is
     enough to hold the coarse base 14 mm off its hole estimate (its lateral pull is about error / 0.014 m). Wider
     bounds raise the ceiling (an expert-imitating residual: 0.91 at 0.1, 0.98 at 0.2) but broke the base while the
-    critic was young: 0.2 and 0.3 fell to 0.02-0.28 success at 25k steps on 4 of 4 runs, 0.1 held it (README)"""
+    critic was young: 0.2 and 0.3 fell to 0.02-0.28 success at 25k steps in 5 of 5 runs; 0.2 with --residual-l2 0.4
+    (the same pull per action unit) held it, then learned no faster than 0.1 (README)"""
     residual_sees_base: bool = True
     """whether the residual observes [s, a_base] (paper 2.1) rather than s alone (RPL's finding)"""
     task_features: bool = True
@@ -401,7 +402,7 @@ if __name__ == "__main__":
             q_optimizer.zero_grad()
             (qf1_loss + qf2_loss).backward()
             q_optimizer.step()
-            return torch.stack([q1.mean(), q2.mean(), qf1_loss, qf2_loss])
+            return torch.stack([q1.mean(), q2.mean(), qf1_loss, qf2_loss]).detach()
 
         def update_actor(b, alpha):
             x = rl_obs(b["obs"], b["a_base"])
@@ -417,7 +418,9 @@ if __name__ == "__main__":
                 a_optimizer.zero_grad()
                 alpha_loss.backward()
                 a_optimizer.step()
-            return torch.stack([actor_loss, alpha_loss])
+            # detached: summed for logging, a tensor with history would keep every update's graph alive (with
+            # backward(inputs=...) the critics' saved activations are never freed: ~15 GB by 140k env steps)
+            return torch.stack([actor_loss, alpha_loss]).detach()
 
         def soft_update():
             with torch.no_grad():
