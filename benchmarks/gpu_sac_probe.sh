@@ -37,7 +37,7 @@ for job in "$@"; do
   # shellcheck disable=SC2086
   python3 "$ROOT/benchmarks/curve.py" --collect-only --variants residual --seeds "$seed" --num-envs "$N" \
     --num-eval-episodes "$EPIS" --eval-freq "$FREQ" --workdir . --run-prefix "gpuprobe_${tag}_" \
-    --out "$OUT/sac_probe_$tag" --device "$DEVICE" --target 0.9 -- --num-eval-envs "$EVAL_ENVS" --sim-backend physx_cpu \
-    --no-cuda $extra >/dev/null || echo "collect failed: $tag seed $seed"
+    --out "$OUT/sac_probe_$tag" --device "$DEVICE" --target 0.9 -- --num-eval-envs "$EVAL_ENVS" \
+    --sim-backend physx_cpu --no-cuda $extra >/dev/null || echo "collect failed: $tag seed $seed"
 done
 grep -H "eval success\|SPS" "$OUT"/*.log | tail -n 60
