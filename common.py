@@ -313,8 +313,9 @@ class _CPUWorker(gym.Wrapper):
         self.action_space = env.single_action_space
 
     def reset(self, *, seed=None, options=None):
+        t0 = time.perf_counter()
         obs, _ = self.env.reset(seed=seed, options=options)
-        return {k: v[0].cpu().numpy() for k, v in obs.items()}, {}
+        return {k: v[0].cpu().numpy() for k, v in obs.items()}, {"reset_time": time.perf_counter() - t0}
 
     def step(self, action):
         t0 = time.perf_counter()
@@ -376,7 +377,8 @@ class VecEnv:
     success_step (the step of its first success, NaN if none).
     step() is step_async() then step_wait(): on the CPU back end the worker processes simulate between the two, so a
     learner can run its update meanwhile. `sim_time` adds up the simulator's own time per step (CPU: the slowest
-    worker's env.step; GPU: the step call), the "raw env steps/s" that training throughput is measured against.
+    worker's env.step and, where its episode ended, its auto-reset; GPU: the step call, which resets too), the "raw
+    env steps/s" that training throughput is measured against.
     `info_keys` are further per-step scalars of the simulator's info passed through as floats; those also in
     `episode_keys` join info["episode"] with their value at the episode's last step.
     """
@@ -473,7 +475,10 @@ class VecEnv:
                                     else final_info[k] if k in final_info else info[k])
                 for k in self._info_keys + ["sim_time"]
             }
-            self.sim_time += float(step_info.pop("sim_time").max())
+            sim_time = step_info.pop("sim_time").numpy()
+            if "reset_time" in info:  # an env that ended was reset in its worker, as part of this step
+                sim_time = sim_time + np.where(info["_reset_time"], info["reset_time"], 0.0)
+            self.sim_time += float(sim_time.max())
             final_obs = obs
             if done.any():
                 final_obs = {k: v.clone() for k, v in obs.items()}
@@ -906,6 +911,8 @@ class CoarseBase(BasePolicy):
             self.gen.manual_seed(seed)
         mask = mask.to(self.device)
         k = int(mask.sum())
+        if k == 0:  # the usual case after a step (no episode ended): skip ~40 tensor ops; draws nothing either way
+            return
         self.expert.reset(mask)
         dp = torch.zeros(k, 3)
         dp[:, 1:] = torch.randn(k, 2, generator=self.gen) * self.cfg.hole_pos_std

@@ -68,7 +68,7 @@ def test_resume_is_exact_with_ibrl_and_the_averaged_actor(demos, tmp_path):
     """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint, with every optional
     network on. --ibrl: the BC-pretrained residual is kept, frozen, beside the RL one (its weights are BC-alone's,
     same seed), the RL one moves away from it, and the share of steps that took BC's action is logged. --eval-ema:
-    the averaged actor trails the actor."""
+    the averaged actor trails the actor, and it is the one --evaluate runs."""
     args = ["--demos", demos[0], "--num-demos", "1", "--eval-freq", "150", "--seed", "3"]
     (full_dir, a), (_, b) = DEMO.resume_pair(tmp_path, [*args, "--ibrl", "--eval-ema", "0.9"], 300, 150)
     assert a["global_step"] == b["global_step"] == 300 and a["num_updates"] == b["num_updates"]
@@ -85,3 +85,15 @@ def test_resume_is_exact_with_ibrl_and_the_averaged_actor(demos, tmp_path):
     assert not torch.equal(ema, bc_actor["mean.weight"])  # the average left the BC start, behind the actor
     share = [v for _, v in scalars(full_dir)["residual/ibrl_bc_share"]]
     assert share and all(0.0 <= v <= 1.0 for v in share), share
+
+    # --evaluate evaluates the averaged actor: saturating the raw actor's output changes nothing it prints
+    def evaluate(ckpt_path):
+        out = run("demo_explore_sac.py", "--evaluate", "--checkpoint", ckpt_path, "--num-eval-envs", "1",
+                  "--num-eval-episodes", "1")
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    raw = torch.load(full_dir / "ckpt.pt", weights_only=False)
+    raw["actor"]["mean.bias"] = torch.full_like(raw["actor"]["mean.bias"], 100.0)  # tanh: +1 on every dimension
+    torch.save(raw, tmp_path / "raw_actor_saturated.pt")
+    assert evaluate(tmp_path / "raw_actor_saturated.pt") == evaluate(full_dir / "ckpt.pt")

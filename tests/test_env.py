@@ -48,6 +48,36 @@ def test_cpu_vector_env_matches_single_envs():
         single.close()
 
 
+class SlowReset(gym.Wrapper):
+    """A simulator whose reset takes at least a second (module level: it is pickled into the worker)."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.single_observation_space, self.single_action_space = env.single_observation_space, env.single_action_space
+
+    def reset(self, **kwargs):
+        time.sleep(1.0)
+        return self.env.reset(**kwargs)
+
+
+def test_sim_time_counts_the_workers_auto_reset():
+    """The env's own time per step includes the same-step auto-reset of an env whose episode ended (the env's work,
+    not the learner's): 100 standing-still steps simulate in well under a second, the reset at the time limit adds
+    one."""
+    envs = common.make_env(1, "physx_cpu", seed=3, wrapper=SlowReset)
+    try:
+        envs.reset()
+        t0 = time.perf_counter()
+        for t in range(envs.max_episode_steps - 1):
+            envs.step(torch.zeros(1, 7))
+        before_last = envs.sim_time
+        _, _, _, truncated, _ = envs.step(torch.zeros(1, 7))  # the time limit: the worker resets
+        assert bool(truncated[0]) and before_last < 1.0
+        assert 1.0 <= envs.sim_time - before_last < time.perf_counter() - t0
+    finally:
+        envs.close()
+
+
 def test_eval_env_runs_full_episodes_and_reports_metrics():
     envs = common.make_env(2, "physx_cpu", eval_mode=True, seed=1)
     try:
