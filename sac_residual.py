@@ -135,6 +135,11 @@ class Args:
     needed correction is near the bound, and 1.0 per dimension outweighs the critic's gain); 0.01 let the residual
     undo the base (0.38 -> 0.10 at 25k) (benchmarks/results/logs/sac_residual_probe_l2_*.log); 0.1 with --n-step 5
     learned (benchmarks/results/sac_residual_curve.json)"""
+    residual_l2_final: Optional[float] = None
+    """if set, the L2 weight moves linearly from --residual-l2 to this over --residual-l2-decay-steps env steps after
+    --learning-starts: hold the base while the critic is young, loosen once it has learned where the gain is"""
+    residual_l2_decay_steps: int = 100_000
+    """env steps over which --residual-l2 moves to --residual-l2-final"""
     init_std: float = 0.2
     """initial std of the residual's pre-tanh Gaussian: small exploration around the base"""
     layer_norm: bool = True
@@ -286,6 +291,8 @@ if __name__ == "__main__":
             raise common.ConfigError(f"--residual-scale must be > 0, got {args.residual_scale}")
         if args.total_timesteps < 0 or args.utd < 0 or args.learning_starts < 0:
             raise common.ConfigError("--total-timesteps, --utd and --learning-starts must be >= 0")
+        if args.residual_l2 < 0 or (args.residual_l2_final is not None and args.residual_l2_final < 0):
+            raise common.ConfigError("--residual-l2 and --residual-l2-final must be >= 0")
         if args.save_trajectories and not args.evaluate:
             raise common.ConfigError("--save-trajectories needs --evaluate --checkpoint C")
         if args.evaluate and not args.checkpoint:
@@ -404,12 +411,12 @@ if __name__ == "__main__":
             q_optimizer.step()
             return torch.stack([q1.mean(), q2.mean(), qf1_loss, qf2_loss]).detach()
 
-        def update_actor(b, alpha):
+        def update_actor(b, alpha, l2):
             x = rl_obs(b["obs"], b["a_base"])
             a_res, log_pi, a_mean = actor.get_action(x)
             action = common.compose_action(b["a_base"], a_res, args.residual_scale)
             actor_loss = (alpha * log_pi - torch.min(qf1(x, action), qf2(x, action))[:, 0]).mean()
-            actor_loss = actor_loss + args.residual_l2 * a_mean.pow(2).sum(-1).mean()
+            actor_loss = actor_loss + l2 * a_mean.pow(2).sum(-1).mean()
             actor_optimizer.zero_grad()
             actor_loss.backward(inputs=actor_params)  # no gradients for the critics' weights: ~25% of this update
             actor_optimizer.step()
@@ -421,6 +428,13 @@ if __name__ == "__main__":
             # detached: summed for logging, a tensor with history would keep every update's graph alive (with
             # backward(inputs=...) the critics' saved activations are never freed: ~15 GB by 140k env steps)
             return torch.stack([actor_loss, alpha_loss]).detach()
+
+        def residual_l2(step):
+            """The L2 weight at this env step: --residual-l2, or on its way to --residual-l2-final."""
+            if args.residual_l2_final is None:
+                return args.residual_l2
+            frac = min(max(step - args.learning_starts, 0) / max(args.residual_l2_decay_steps, 1), 1.0)
+            return args.residual_l2 + frac * (args.residual_l2_final - args.residual_l2)
 
         def soft_update():
             with torch.no_grad():
@@ -525,7 +539,7 @@ if __name__ == "__main__":
                         q_stats = update_critic(rb.sample(args.batch_size, args.n_step, args.gamma), alpha)
                         a_stats = torch.zeros(2, device=device)
                         if num_updates % args.policy_frequency == 0:
-                            a_stats = update_actor(rb.sample(args.batch_size), alpha)
+                            a_stats = update_actor(rb.sample(args.batch_size), alpha, residual_l2(global_step))
                         if num_updates % args.target_network_frequency == 0:
                             soft_update()
                         num_updates += 1
@@ -575,7 +589,8 @@ if __name__ == "__main__":
                             raise FloatingPointError(f"non-finite loss at step {global_step}")
                         logs.update({"losses/qf1_value": l[0], "losses/qf2_value": l[1], "losses/qf1_loss": l[2],
                                      "losses/qf2_loss": l[3], "losses/qf_loss": (l[2] + l[3]) / 2,
-                                     "losses/actor_loss": l[4], "losses/alpha_loss": l[5]})
+                                     "losses/actor_loss": l[4], "losses/alpha_loss": l[5],
+                                     "losses/residual_l2": residual_l2(global_step)})
                     sps = (global_step - steps_at_start) / (time.perf_counter() - t_start)
                     alpha = log_alpha.exp().item()
                     # Throughput as a ratio within this run: training steps/s over the env's own steps/s.

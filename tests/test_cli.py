@@ -43,6 +43,11 @@ def test_noise_repeat_must_be_positive():
     assert_one_line_error(run("ppo_residual.py", "--noise-repeat", "0"), "--noise-repeat must be >= 1")
 
 
+def test_residual_l2_schedule_must_be_non_negative():
+    assert_one_line_error(run("sac_residual.py", "--residual-l2-final", "-0.1"),
+                          "--residual-l2 and --residual-l2-final must be >= 0")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

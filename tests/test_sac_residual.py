@@ -59,7 +59,8 @@ train, checkpoint = SAC.train, SAC.checkpoint
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sac")
-    out = train(tmp_path, "--base", "expert", "--total-timesteps", "300", "--eval-freq", "200", "--exp-name", "t")
+    out = train(tmp_path, "--base", "expert", "--total-timesteps", "300", "--eval-freq", "200", "--exp-name", "t",
+                "--residual-l2-final", "0.02", "--residual-l2-decay-steps", "100")
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp_path, out
 
@@ -80,6 +81,9 @@ def test_training_writes_checkpoint_and_scalars(trained):
                 "train/success_once", "reward/grasp", "reward/insert", "losses/qf1_loss", "losses/actor_loss",
                 "losses/alpha", "residual/base_action_norm", "residual/residual_action_norm", "charts/SPS"):
         assert key in tags, key
+    # the L2 weight moves from 0.1 to 0.02 over the 100 env steps after --learning-starts 100, then stays
+    assert [(s, round(v, 6)) for s, v in tags["losses/residual_l2"]] == [(150, 0.06), (200, 0.02), (250, 0.02),
+                                                                          (300, 0.02)]
     # The untrained residual is exactly the base: its first evaluation equals the base alone.
     assert tags["eval/success_at_end"][0] == tags["eval_base/success_at_end"][0] == (0, 1.0)
     assert "step 300/300" in out.stdout
