@@ -16,7 +16,7 @@ from the step.
 
 Logged: train/{return,episode_len,success_once,success_at_end}, eval/{same}, eval_base/{same} (the base alone,
 measured once, repeated at every eval), reward/{grasp,orient,insert,success,stage}, losses/{qf1_value,qf2_value,
-qf1_loss,qf2_loss,qf_loss,actor_loss,alpha,alpha_loss}, residual/{base_action_norm,residual_action_norm,
+qf1_loss,qf2_loss,qf_loss,actor_loss,alpha,alpha_loss,residual_l2}, residual/{base_action_norm,residual_action_norm,
 residual_active}, charts/{SPS,env_SPS,SPS_over_env_SPS,learning_rate}, time/{rollout,env,update,eval}.
 """
 
@@ -285,7 +285,7 @@ if __name__ == "__main__":
         args = tyro.cli(Args)
         # ---- validate and derive ----
         for name in ("num_envs", "num_eval_envs", "num_eval_episodes", "eval_freq", "batch_size", "log_freq",
-                     "n_step"):
+                     "n_step", "residual_l2_decay_steps"):
             if getattr(args, name) < 1:
                 raise common.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.residual_scale <= 0:
@@ -434,7 +434,7 @@ if __name__ == "__main__":
             """The L2 weight at this env step: --residual-l2, or on its way to --residual-l2-final."""
             if args.residual_l2_final is None:
                 return args.residual_l2
-            frac = min(max(step - args.learning_starts, 0) / max(args.residual_l2_decay_steps, 1), 1.0)
+            frac = min(max(step - args.learning_starts, 0) / args.residual_l2_decay_steps, 1.0)
             return args.residual_l2 + frac * (args.residual_l2_final - args.residual_l2)
 
         def soft_update():
