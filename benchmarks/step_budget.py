@@ -94,8 +94,9 @@ def main(args: Args):
     finally:
         envs.close()
     mean = {name: {key: round(sum(r[key] for r in rs) / len(rs), 3) for key in rs[0]} for name, rs in results.items()}
-    out = dict(command="python benchmarks/step_budget.py " + " ".join(sys.argv[1:]), device=f"CPU, {os.cpu_count()} cores",
-               num_envs=args.num_envs, steps=args.steps, rounds=results, mean_ms_per_vector_step=mean)
+    out = dict(command="python benchmarks/step_budget.py " + " ".join(sys.argv[1:]),
+               device=f"CPU, {os.cpu_count()} cores", num_envs=args.num_envs, steps=args.steps, rounds=results,
+               mean_ms_per_vector_step=mean)
     print(json.dumps(mean))
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)

@@ -68,7 +68,7 @@ def test_sim_time_counts_the_workers_auto_reset():
     try:
         envs.reset()
         t0 = time.perf_counter()
-        for t in range(envs.max_episode_steps - 1):
+        for _ in range(envs.max_episode_steps - 1):
             envs.step(torch.zeros(1, 7))
         before_last = envs.sim_time
         _, _, _, truncated, _ = envs.step(torch.zeros(1, 7))  # the time limit: the worker resets
