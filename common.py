@@ -691,11 +691,12 @@ class PI0Base(BasePolicy):
         if size != (h, w):
             x = F.interpolate(x, size=size, mode="bicubic", antialias=True).round().clamp(0, 255)
         x = F.pad(x / 127.5 - 1.0, (0, self.image_size - size[1], 0, self.image_size - size[0]))
+        dtype = self.model.dtype  # a checkpoint saved in bf16 loads (and must be fed) in bf16
         chunk = self.model.sample_actions(
-            state=F.pad(state[:, QPOS], (0, self.max_state_dim - 9)),  # proprioception: the Panda's joint positions
+            state=F.pad(state[:, QPOS], (0, self.max_state_dim - 9)).to(dtype),  # proprioception: the joint positions
             input_ids=ids,
-            pixel_values=x.reshape(b, n_cams, 3, self.image_size, self.image_size),
-            noise=self.noise.expand(b, -1, -1),
+            pixel_values=x.reshape(b, n_cams, 3, self.image_size, self.image_size).to(dtype),
+            noise=self.noise.expand(b, -1, -1).to(dtype),
             attention_mask=torch.ones_like(ids),
             pixel_attention_mask=torch.ones(b, n_cams, dtype=torch.bool, device=self.device),
         )

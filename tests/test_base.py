@@ -66,6 +66,21 @@ def test_pi0_reset_requeries_only_the_reset_envs(tiny_pi0):
     assert not torch.equal(third[0], first[0])
 
 
+def test_pi0_saved_in_bfloat16_runs_in_bfloat16(tiny_pi0, tmp_path):
+    """Released VLA checkpoints are often bf16: they load as saved, and the base must feed them bf16 inputs."""
+    from transformers import PI0ForConditionalGeneration
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(tiny_pi0, folder)
+    PI0ForConditionalGeneration.from_pretrained(tiny_pi0).to(torch.bfloat16).save_pretrained(folder)
+    base = load_pi0(folder)
+    assert base.model.dtype == torch.bfloat16
+    action = base(fake_obs(3))
+    assert action.dtype == torch.float32 and action.shape == (3, 7) and torch.isfinite(action).all()
+    # the same network in float32, up to bf16's precision
+    torch.testing.assert_close(action, load_pi0(tiny_pi0)(fake_obs(3)), atol=0.1, rtol=0)
+
+
 def test_pi0_action_stats_unnormalise(tiny_pi0, tmp_path):
     folder = tmp_path / "with_stats"
     shutil.copytree(tiny_pi0, folder)
