@@ -16,6 +16,7 @@ user's checkpoint would be, and reports for each batch size B:
 
     python benchmarks/vla_cost.py                                          # a GPU: full size, bf16
     python benchmarks/vla_cost.py --size tiny --batch-sizes 1 2 --device cpu --out /tmp/vla_cost.json   # a smoke run
+    python benchmarks/vla_cost.py --replot A.json B.json --png out.png     # plot earlier results side by side
 """
 
 import json
@@ -49,9 +50,41 @@ class Args:
     """timed queries per batch size, after one warm-up query"""
     camera_size: int = 64
     """the env's camera resolution (make_env's default; PI0Base resizes to the model's 224)"""
+    num_cameras: int = 2
+    """images per observation (PegInsertionSide renders base_camera and hand_camera: 2)"""
     device: str = "auto"
     """'auto' (CUDA if available), 'cuda' or 'cpu'"""
-    out: str = "benchmarks/results/gpu/vla_cost.json"
+    out: str = "benchmarks/results/gpu/vla_cost/vla_cost.json"
+    """the results JSON (a PNG of the same name beside it)"""
+    replot: List[str] = field(default_factory=list)
+    """plot these results JSONs into --png and exit (no timing)"""
+    png: Optional[str] = None
+    """the plot's path (default: --out with .png)"""
+
+
+def plot(files, png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for file in files:
+        with open(file) as f:
+            d = json.load(f)
+        rows, label = d["results"], f"{d['args']['dtype']}, {d['args'].get('num_cameras', 1)} camera(s), {d['gpu'] or d['device']}"
+        batch = [r["batch"] for r in rows]
+        ax1.plot(batch, [r["query_ms"] for r in rows], "o-", label=label)
+        ax2.plot(batch, [r["base_env_steps_per_s"] for r in rows], "o-", label=label)
+    ax1.set(xscale="log", yscale="log", xlabel="envs per query (batch)", ylabel="one batched query (ms)",
+            title="PI0-sized base: query time")
+    ax2.set(xscale="log", yscale="log", xlabel="envs (batch)", ylabel="env steps/s the base allows",
+            title=f"with chunks of {rows[0]['chunk_steps']} actions per query")
+    for ax in (ax1, ax2):
+        ax.grid(True, which="both", alpha=0.3), ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    print(f"wrote {png}")
 
 
 def build_checkpoint(folder, size, dtype, device):
@@ -96,10 +129,12 @@ def build_checkpoint(folder, size, dtype, device):
 
 
 def main(args):
+    if args.replot:
+        return plot(args.replot, args.png or os.path.splitext(args.replot[0])[0] + ".png")
     if args.size not in ("full", "tiny"):
         raise common.ConfigError(f"--size must be 'full' or 'tiny', got {args.size!r}")
-    if min(args.batch_sizes) < 1 or args.repeats < 1:
-        raise common.ConfigError("--batch-sizes and --repeats must be >= 1")
+    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.num_cameras < 1:
+        raise common.ConfigError("--batch-sizes, --repeats and --num-cameras must be >= 1")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -121,7 +156,7 @@ def main(args):
             base = loaded.resized(b)  # the same model, caches for b envs
             gen = torch.Generator().manual_seed(b)
             obs = dict(state=torch.randn(b, common.STATE_DIM, generator=gen).to(device),
-                       rgb=torch.randint(0, 256, (b, 1, args.camera_size, args.camera_size, 3), generator=gen,
+                       rgb=torch.randint(0, 256, (b, args.num_cameras, args.camera_size, args.camera_size, 3), generator=gen,
                                          dtype=torch.uint8).to(device))
             everyone = torch.ones(b, dtype=torch.bool, device=device)
             if device.type == "cuda":
@@ -156,6 +191,7 @@ def main(args):
     with open(args.out, "w") as f:
         json.dump(info, f, indent=1)
     print(f"wrote {args.out}")
+    plot([args.out], args.png or os.path.splitext(args.out)[0] + ".png")
 
 
 if __name__ == "__main__":

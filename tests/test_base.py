@@ -227,3 +227,25 @@ def test_pi0_base_drives_a_real_env_with_images(tiny_pi0):
         assert base.num_model_calls == math.ceil(10 / base.chunk_steps)
     finally:
         envs.close()
+
+
+def test_vla_cost_benchmark_times_a_saved_pi0(tmp_path):
+    """benchmarks/vla_cost.py (run on a GPU at full size) on a tiny PI0 on the CPU: one row per batch, sane times."""
+    from conftest import run
+
+    out = tmp_path / "vla_cost.json"
+    proc = run("benchmarks/vla_cost.py", "--size", "tiny", "--batch-sizes", "1", "3", "--repeats", "2", "--device",
+               "cpu", "--out", out, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    d = json.loads(out.read_text())
+    assert d["loaded_dtype"] == "torch.bfloat16" and d["parameters"] > 0
+    rows = d["results"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["chunk_steps"] == 8 and r["query_ms"] > r["step_ms"] > 0  # the tiny model's chunk of 8
+        per_step = (r["query_ms"] + 7 * r["step_ms"]) / 8
+        assert math.isclose(r["per_vector_step_ms"], per_step) and math.isclose(
+            r["base_env_steps_per_s"], r["batch"] / per_step * 1e3)
+    assert (tmp_path / "vla_cost.png").stat().st_size > 0
+    bad = run("benchmarks/vla_cost.py", "--size", "huge", "--out", out)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --size must be 'full' or 'tiny', got 'huge'"
