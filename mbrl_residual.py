@@ -14,8 +14,8 @@ warm-up, progressive exploration, exact resume) is sac_residual.py's.
     python mbrl_residual.py --evaluate --checkpoint runs/<run>/ckpt.pt
 
 Logged: as sac_residual.py (train/*, eval/*, eval_base/*, reward/*, losses/*, residual/*, charts/*, time/*) plus
-model/{train_loss,val_loss,val_state_mse,val_reward_mae,val_term_acc,disagreement,rollout_kept,rollout_len,
-model_buffer} and time/model.
+model/{train_loss,val_loss,val_state_mse,val_reward_mae,val_term_acc,val_disagreement_error_corr,cut_threshold,
+disagreement,rollout_kept,rollout_len,model_buffer} and time/model.
 """
 
 import json
@@ -90,6 +90,9 @@ class Args:
     # algorithm: SAC (as sac_residual.py)
     gamma: float = 0.95
     """the discount factor (100-step episodes, and success ends the episode)"""
+    n_step: int = 5
+    """n-step returns for the real transitions' critic targets (sac_residual.py's measured default; imagined
+    transitions stay 1-step)"""
     tau: float = 0.01
     """target smoothing coefficient"""
     batch_size: int = 256
@@ -150,6 +153,11 @@ class Args:
     max_disagreement: float = 0.1
     """cut a rollout where the members' std of the predicted next state (in units of the state's own std, averaged
     over dims) exceeds this: the models disagree, so none of them is to be trusted"""
+    disagreement_quantile: float = 0.5
+    """... or exceeds this quantile of the disagreement on held-out real transitions, recalibrated every round
+    (1 turns it off). The fixed bound alone never cut (disagreement stays near 0.02), yet disagreement does rank the
+    model's errors: on held-out transitions the less uncertain half had a third of the other half's next-state error
+    (python benchmarks/mbrl_model_fit.py)"""
     model_retain_rounds: int = 5
     """imagined transitions are kept for this many rounds (the imagined buffer's size)"""
     real_ratio: float = 0.5
@@ -223,15 +231,20 @@ class Actor(nn.Module):
 # Replay buffer on the training device
 # ------------------------------------------------------------------------------------------------------------------
 class ReplayBuffer:
-    """Raw states (normalised at sample time, so stored data never goes stale), base actions and executed actions."""
+    """Raw states (normalised at sample time, so stored data never goes stale), base actions and executed actions.
 
-    FIELDS = ("obs", "a_base", "action", "reward", "next_obs", "next_a_base", "terminated")
+    Rows are added one env step at a time, `num_envs` rows per step, so env i's next step sits `num_envs` rows later:
+    `sample(..., n_step)` walks that far to build n-step returns (as in sac_residual.py; the size is a multiple of
+    num_envs, so wrapping keeps the pattern). The imagined buffer is sampled 1-step."""
 
-    def __init__(self, size, state_dim, act_dim, device):
+    FIELDS = ("obs", "a_base", "action", "reward", "next_obs", "next_a_base", "terminated", "done")
+
+    def __init__(self, size, state_dim, act_dim, num_envs, device):
         dims = dict(obs=state_dim, a_base=act_dim, action=act_dim, reward=1, next_obs=state_dim,
-                    next_a_base=act_dim, terminated=1)
+                    next_a_base=act_dim, terminated=1, done=1)
+        size = max(size // num_envs, 1) * num_envs
         self.data = {k: torch.zeros(size, dims[k], device=device) for k in self.FIELDS}
-        self.size, self.ptr, self.full = size, 0, False
+        self.size, self.num_envs, self.ptr, self.full = size, num_envs, 0, False
 
     def add(self, **batch):
         n = batch["obs"].shape[0]
@@ -241,10 +254,27 @@ class ReplayBuffer:
         self.full = self.full or self.ptr + n >= self.size
         self.ptr = (self.ptr + n) % self.size
 
-    def sample(self, batch_size, generator=None):
+    def sample(self, batch_size, n_step=1, gamma=1.0):
+        """A batch of transitions; with n_step > 1 each is an n-step one: `reward` is the discounted sum of up to
+        n rewards of the same env, stopping at an episode end or at the newest data, `next_*` and `terminated` are
+        those of its last step, and `discount` is gamma ** (steps summed) (uncorrected n-step returns, as in
+        sac_residual.py)."""
         high = self.size if self.full else self.ptr
         idx = torch.randint(0, high, (batch_size,), device=self.data["obs"].device)
-        return {k: v[idx] for k, v in self.data.items()}
+        b = {k: v[idx] for k, v in self.data.items()}
+        b["discount"] = torch.full_like(b["reward"], gamma)
+        if n_step > 1:
+            newer = (self.ptr - 1 - idx) % self.size  # rows written after idx
+            alive = 1.0 - b["done"]
+            for k in range(1, n_step):
+                ok = alive * (newer >= k * self.num_envs).float()[:, None]  # episode goes on, data exists
+                row = (idx + k * self.num_envs) % self.size
+                b["reward"] = b["reward"] + ok * gamma**k * self.data["reward"][row]
+                b["discount"] = torch.where(ok > 0, torch.full_like(ok, gamma ** (k + 1)), b["discount"])
+                for key in ("next_obs", "next_a_base", "terminated"):
+                    b[key] = torch.where(ok > 0, self.data[key][row], b[key])
+                alive = ok * (1.0 - self.data["done"][row])
+        return b
 
     def state_dict(self):
         """The stored rows in place (a resumed buffer samples the very same transitions) and the write position."""
@@ -340,14 +370,19 @@ def model_targets(b):
     return x, y, b["terminated"][:, 0]
 
 
+def disagreement(model, mean, state_dim):
+    """The members' std of their predicted next-state change (E, N, .) in units of the state's std, mean over dims."""
+    return (mean[..., :state_dim] / model.x_std[:state_dim]).std(0).mean(-1)
+
+
 @torch.no_grad()
 def imagine(model, policy, state, a_base, horizon, max_disagreement, scale):
     """Branched rollouts of `policy(state, a_base) -> a_res` in the model, from real (state, a_base) of shape (N, .).
 
     Each step draws the next [s', a_base', r] from one random member per rollout (TS1) and a termination from that
     member's probability. A step is kept only while its rollout is alive and the members agree (their std of the
-    next-state mean in units of the state's own std, averaged over dims, <= max_disagreement); a rollout ends at a predicted termination
-    or at the first step the members disagree. Returns the kept transitions (ReplayBuffer fields) and statistics.
+    next-state mean in units of the state's own std, averaged over dims, <= max_disagreement); a rollout ends at a
+    predicted termination or at the first step the members disagree. Returns the kept transitions (ReplayBuffer fields) and statistics.
     """
     n, state_dim = state.shape
     alive = torch.ones(n, dtype=torch.bool, device=state.device)
@@ -359,14 +394,14 @@ def imagine(model, policy, state, a_base, horizon, max_disagreement, scale):
         mean, std, term_p = model.predict(torch.cat([state, a_base, action], -1))
         k = torch.randint(0, mean.shape[0], (n,), device=state.device)
         y = mean[k, rows] + std[k, rows] * torch.randn_like(mean[0])
-        disagreement = (mean[..., :state_dim] / model.x_std[:state_dim]).std(0).mean(-1)
+        spread = disagreement(model, mean, state_dim)
         terminated = torch.rand(n, device=state.device) < term_p[k, rows]
         next_state, next_a_base, reward = state + y[:, :state_dim], y[:, state_dim:-1].clamp(-1, 1), y[:, -1:]
-        keep = alive & (disagreement <= max_disagreement)
+        keep = alive & (spread <= max_disagreement)
         kept.append(dict(obs=state[keep], a_base=a_base[keep], action=action[keep], reward=reward[keep],
                          next_obs=next_state[keep], next_a_base=next_a_base[keep],
-                         terminated=terminated[keep, None].float()))
-        disagreements.append(disagreement[alive])
+                         terminated=terminated[keep, None].float(), done=terminated[keep, None].float()))
+        disagreements.append(spread[alive])
         alive = keep & ~terminated
         state, a_base = next_state, next_a_base
     out = {key: torch.cat([step[key] for step in kept]) for key in kept[0]}
@@ -382,6 +417,7 @@ if __name__ == "__main__":
         # ---- validate and derive ----
         for name in ("num_envs", "num_eval_envs", "num_eval_episodes", "eval_freq", "batch_size", "log_freq",
                      "ensemble_size", "model_train_freq", "model_batch_size", "rollout_batch_size", "rollout_horizon",
+                     "n_step",
                      "model_retain_rounds"):
             if getattr(args, name) < 1:
                 raise common.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -391,6 +427,8 @@ if __name__ == "__main__":
             raise common.ConfigError("--total-timesteps, --utd, --learning-starts and --model-updates must be >= 0")
         if not 0 < args.real_ratio <= 1:
             raise common.ConfigError(f"--real-ratio must be in (0, 1], got {args.real_ratio}")
+        if not 0 < args.disagreement_quantile <= 1:
+            raise common.ConfigError(f"--disagreement-quantile must be in (0, 1], got {args.disagreement_quantile}")
         if args.save_trajectories and not args.evaluate:
             raise common.ConfigError("--save-trajectories needs --evaluate --checkpoint C")
         if args.evaluate and not args.checkpoint:
@@ -470,9 +508,10 @@ if __name__ == "__main__":
         base = common.make_base_policy(args.base, envs, seed=args.seed)
         logger = common.Logger(run_name, args)
         ckpt_path = os.path.join(logger.dir, "ckpt.pt")
-        rb = ReplayBuffer(min(args.buffer_size, max(args.total_timesteps, 1)), state_dim, act_dim, device)
+        rb = ReplayBuffer(min(args.buffer_size, max(args.total_timesteps, 1)), state_dim, act_dim, args.num_envs,
+                          device)
         model_rb = ReplayBuffer(args.rollout_batch_size * args.rollout_horizon * args.model_retain_rounds, state_dim,
-                                act_dim, device)
+                                act_dim, 1, device)
         global_step, num_updates, update_debt, next_model_train = 0, 0, 0.0, args.learning_starts
         eval_base_stats = None
         if ckpt:
@@ -482,9 +521,12 @@ if __name__ == "__main__":
             a_optimizer.load_state_dict(ckpt["a_optimizer"])
             with torch.no_grad():
                 log_alpha.copy_(ckpt["log_alpha"])
-            rb.load_state_dict(ckpt["rb"])
+            try:
+                rb.load_state_dict(ckpt["rb"]), model_rb.load_state_dict(ckpt["model_rb"])
+            except KeyError as err:  # a buffer without a field this version stores
+                raise common.ConfigError(f"{args.checkpoint} is from an older mbrl_residual.py (its replay "
+                                         f"buffer has no {err} field): start a new run") from None
             model.load_state_dict(ckpt["model"]), model_optimizer.load_state_dict(ckpt["model_optimizer"])
-            model_rb.load_state_dict(ckpt["model_rb"])
             next_model_train = ckpt["next_model_train"]
             global_step, num_updates, eval_base_stats = ckpt["global_step"], ckpt["num_updates"], ckpt["eval_base"]
             update_debt = ckpt["update_debt"]
@@ -499,7 +541,8 @@ if __name__ == "__main__":
                 next_action = common.compose_action(b["next_a_base"], next_res, args.residual_scale)
                 min_q_next = torch.min(qf1_target(next_x, next_action), qf2_target(next_x, next_action))
                 # Bootstrap unless the episode truly ended (success); time-limit truncations do bootstrap.
-                target = b["reward"] + (1 - b["terminated"]) * args.gamma * (min_q_next - alpha * next_log_pi[:, None])
+                soft_v_next = min_q_next - alpha * next_log_pi[:, None]
+                target = b["reward"] + (1 - b["terminated"]) * b["discount"] * soft_v_next
             x = rl_obs(b["obs"], b["a_base"])
             q1, q2 = qf1(x, b["action"]), qf2(x, b["action"])  # the critic scores the executed action
             qf1_loss, qf2_loss = F.mse_loss(q1, target), F.mse_loss(q2, target)
@@ -561,14 +604,22 @@ if __name__ == "__main__":
             with torch.no_grad():
                 x, y, term = model_targets(val)
                 val_loss, _ = model.loss(x, y, term)
-                mean, _, term_p = model.predict(x)
-                mean = mean.mean(0)
+                members, _, term_p = model.predict(x)
+                mean = members.mean(0)
                 # per-step prediction error on held-out real transitions: next state (standardised), reward, done
-                state_mse = (((mean - y)[:, :state_dim] / model.y_std[:state_dim]) ** 2).mean()
+                state_err = (((mean - y)[:, :state_dim] / model.y_std[:state_dim]) ** 2).mean(-1)
                 reward_mae = (mean - y)[:, -1].abs().mean()
                 term_acc = ((term_p.mean(0) > 0.5).float() == term).float().mean()
-            return dict(train_loss=train_loss, val_loss=val_loss, val_state_mse=state_mse, val_reward_mae=reward_mae,
-                        val_term_acc=term_acc)
+                # the cut's calibration: how uncertain the models are where they are measured, and whether their
+                # disagreement ranks their errors (Spearman's rank correlation)
+                spread = disagreement(model, members, state_dim)
+                ranks = [v.argsort().argsort().float() for v in (spread, state_err)]
+                ranks = [r - r.mean() for r in ranks]
+                corr = (ranks[0] * ranks[1]).sum() / (ranks[0].norm() * ranks[1].norm()).clamp_min(1e-12)
+                cut = torch.quantile(spread, args.disagreement_quantile).clamp(max=args.max_disagreement)
+            return dict(train_loss=train_loss, val_loss=val_loss, val_state_mse=state_err.mean(),
+                        val_reward_mae=reward_mae, val_term_acc=term_acc, val_disagreement_error_corr=corr,
+                        cut_threshold=cut)
 
         def model_round():
             """Retrain the ensemble, then refill the imagined buffer with rollouts branched from real states."""
@@ -576,20 +627,21 @@ if __name__ == "__main__":
             stats = train_model()
             starts = rb.sample(args.rollout_batch_size)
             imagined, rollout_stats = imagine(model, policy_step, starts["obs"], starts["a_base"],
-                                              args.rollout_horizon, args.max_disagreement, args.residual_scale)
+                                              args.rollout_horizon, stats["cut_threshold"], args.residual_scale)
             if imagined["obs"].shape[0]:
                 model_rb.add(**imagined)
             stats.update(rollout_stats, model_buffer=model_rb.size if model_rb.full else model_rb.ptr)
             logger.log({f"model/{k}": float(v) for k, v in stats.items()}, global_step)
             logger.log({"time/model": time.perf_counter() - t0}, global_step)
 
-        def sample_batch():
-            """A SAC batch: real_ratio of it real, the rest imagined (all real until the model has produced data)."""
+        def sample_batch(n_step=1):
+            """A SAC batch: real_ratio of it real (n-step for the critic), the rest imagined (1-step); all real until
+            the model has produced data."""
             n_model = 0 if model_rb.ptr == 0 and not model_rb.full else round(args.batch_size * (1 - args.real_ratio))
-            real = rb.sample(args.batch_size - n_model)
+            real = rb.sample(args.batch_size - n_model, n_step, args.gamma)
             if n_model == 0:
                 return real
-            imagined = model_rb.sample(n_model)
+            imagined = model_rb.sample(n_model, 1, args.gamma)
             return {k: torch.cat([real[k], imagined[k]]) for k in real}
 
         if args.compile:
@@ -678,7 +730,8 @@ if __name__ == "__main__":
                 # chunked VLA would spend a query on a state it never acts from): a_base stands in for a_base'.
                 rb.add(obs=state, a_base=a_base, action=action, reward=reward.to(device),
                        next_obs=info["final_obs"]["state"].to(device),
-                       next_a_base=torch.where(done[:, None], a_base, next_a_base), terminated=terminated.to(device))
+                       next_a_base=torch.where(done[:, None], a_base, next_a_base), terminated=terminated.to(device),
+                       done=done)
                 obs, a_base = next_obs, next_a_base
                 global_step += args.num_envs
                 t_rollout += time.perf_counter() - t0
@@ -699,13 +752,13 @@ if __name__ == "__main__":
                         model_round()
                     if num_updates == 0:  # critic warm-up before the actor acts or learns
                         for _ in range(args.critic_warmup_updates):
-                            update_critic(rb.sample(args.batch_size), log_alpha.exp().detach())
+                            update_critic(rb.sample(args.batch_size, args.n_step, args.gamma), log_alpha.exp().detach())
                             soft_update()
                     update_debt += args.utd * args.num_envs
                     while update_debt >= 1:
                         update_debt -= 1
                         alpha = log_alpha.exp().detach()
-                        q_stats = update_critic(sample_batch(), alpha)
+                        q_stats = update_critic(sample_batch(args.n_step), alpha)
                         a_stats = torch.zeros(2, device=device)
                         if num_updates % args.policy_frequency == 0:
                             a_stats = update_actor(sample_batch(), alpha)

@@ -1,5 +1,6 @@
 """sac_residual.py end to end, as a subprocess with a tiny budget: train, evaluate, resume exactly, bad inputs."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -19,11 +20,13 @@ TINY = ["--num-envs", "1", "--num-eval-envs", "1", "--num-eval-episodes", "1", "
 SAC = Script("sac_residual.py", TINY)
 
 
+@pytest.mark.parametrize("script", ["sac_residual", "mbrl_residual"])
 @pytest.mark.parametrize("n_step", [1, 3])
-def test_n_step_returns_match_a_plain_loop(n_step):
+def test_n_step_returns_match_a_plain_loop(n_step, script):
     """Two envs, 5 steps, a buffer of 4 steps (so it wraps), env 0's episode ending at step 1: every sampled
-    transition's return, discount and bootstrap row against a per-env walk through the steps."""
-    from sac_residual import ReplayBuffer
+    transition's return, discount and bootstrap row against a per-env walk through the steps (the real buffers of
+    sac_residual.py and mbrl_residual.py)."""
+    ReplayBuffer = importlib.import_module(script).ReplayBuffer
 
     E, T, gamma = 2, 5, 0.9
     rb = ReplayBuffer(8, 1, 1, E, "cpu")
