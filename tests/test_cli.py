@@ -43,6 +43,17 @@ def test_noise_repeat_must_be_positive():
     assert_one_line_error(run("ppo_residual.py", "--noise-repeat", "0"), "--noise-repeat must be >= 1")
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--disagreement-quantile", "0"], "--disagreement-quantile must be in (0, 1], got 0.0"),
+        (["--n-step", "0"], "--n-step must be >= 1, got 0"),
+    ],
+)
+def test_mbrl_cut_and_n_step_are_checked(args, message):
+    assert_one_line_error(run("mbrl_residual.py", *args), message)
+
+
 def test_residual_l2_schedule_must_be_non_negative():
     assert_one_line_error(run("sac_residual.py", "--residual-l2-final", "-0.1"),
                           "--residual-l2 and --residual-l2-final must be >= 0")

@@ -5,6 +5,9 @@ import json
 
 import torch
 from conftest import Script, assert_same_tensors, run, scalars
+from test_cli import assert_one_line_error
+
+import common
 
 from mbrl_residual import DynamicsEnsemble, imagine
 
@@ -83,6 +86,10 @@ def test_train_evaluate_and_resume_exactly(tmp_path):
     for key in ("model/train_loss", "model/val_loss", "model/val_state_mse", "model/disagreement",
                 "model/rollout_kept", "eval/success_at_end", "eval_base/success_at_end", "losses/qf1_loss"):
         assert key in tags, key
+    # the cut is recalibrated every round (every 50 steps from step 100 here), never above --max-disagreement
+    cuts = [v for _, v in tags["model/cut_threshold"]]
+    assert len(cuts) >= 4 and all(0 < v <= 0.1 for v in cuts) and len(set(cuts)) > 1
+    assert all(-1 <= v <= 1 for _, v in tags["model/val_disagreement_error_corr"])
     assert ckpt["global_step"] == b["global_step"] == 300 and ckpt["num_updates"] == b["num_updates"]
     for net in ("actor", "qf1", "model"):
         assert_same_tensors(ckpt[net], b[net], net)
@@ -90,3 +97,10 @@ def test_train_evaluate_and_resume_exactly(tmp_path):
     out = run("mbrl_residual.py", "--base", "coarse", "--evaluate", "--checkpoint", run_dir / "ckpt.pt",
               "--num-eval-envs", "1", "--num-eval-episodes", "1")
     assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1])["eval/episodes"] == 1
+    # a checkpoint of the previous version (its replay buffer has no episode-end field for n-step returns) evaluates
+    # (above) but cannot resume training: one line that says why
+    del ckpt["rb"]["data"]["done"]
+    old = tmp_path / "old.pt"
+    common.save_checkpoint(str(old), ckpt)
+    assert_one_line_error(MBRL.train(tmp_path, "--base", "coarse", "--total-timesteps", "400", "--checkpoint", old),
+                          "is from an older mbrl_residual.py (its replay buffer has no 'done' field)")
