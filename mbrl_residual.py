@@ -382,7 +382,8 @@ def imagine(model, policy, state, a_base, horizon, max_disagreement, scale):
     Each step draws the next [s', a_base', r] from one random member per rollout (TS1) and a termination from that
     member's probability. A step is kept only while its rollout is alive and the members agree (their std of the
     next-state mean in units of the state's own std, averaged over dims, <= max_disagreement); a rollout ends at a
-    predicted termination or at the first step the members disagree. Returns the kept transitions (ReplayBuffer fields) and statistics.
+    predicted termination or at the first step the members disagree. Returns the kept transitions (ReplayBuffer
+    fields) and statistics.
     """
     n, state_dim = state.shape
     alive = torch.ones(n, dtype=torch.bool, device=state.device)
@@ -417,8 +418,7 @@ if __name__ == "__main__":
         # ---- validate and derive ----
         for name in ("num_envs", "num_eval_envs", "num_eval_episodes", "eval_freq", "batch_size", "log_freq",
                      "ensemble_size", "model_train_freq", "model_batch_size", "rollout_batch_size", "rollout_horizon",
-                     "n_step",
-                     "model_retain_rounds"):
+                     "model_retain_rounds", "n_step"):
             if getattr(args, name) < 1:
                 raise common.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.residual_scale <= 0:

@@ -72,7 +72,8 @@ def plot(files, png):
     for file in files:
         with open(file) as f:
             d = json.load(f)
-        rows, label = d["results"], f"{d['args']['dtype']}, {d['args'].get('num_cameras', 1)} camera(s), {d['gpu'] or d['device']}"
+        cams = d["args"].get("num_cameras", 1)
+        rows, label = d["results"], f"{d['args']['dtype']}, {cams} camera(s), {d['gpu'] or d['device']}"
         batch = [r["batch"] for r in rows]
         ax1.plot(batch, [r["query_ms"] for r in rows], "o-", label=label)
         ax2.plot(batch, [r["base_env_steps_per_s"] for r in rows], "o-", label=label)
@@ -109,7 +110,8 @@ def build_checkpoint(folder, size, dtype, device):
         gemma = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=16)
         config = PI0Config(
-            vlm_config=dict(model_type="paligemma", text_config=dict(model_type="gemma", vocab_size=len(vocab), **gemma),
+            vlm_config=dict(model_type="paligemma",
+                            text_config=dict(model_type="gemma", vocab_size=len(vocab), **gemma),
                             vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
                                                num_hidden_layers=2, num_attention_heads=2, patch_size=14,
                                                image_size=56, vision_use_head=False),
@@ -156,8 +158,8 @@ def main(args):
             base = loaded.resized(b)  # the same model, caches for b envs
             gen = torch.Generator().manual_seed(b)
             obs = dict(state=torch.randn(b, common.STATE_DIM, generator=gen).to(device),
-                       rgb=torch.randint(0, 256, (b, args.num_cameras, args.camera_size, args.camera_size, 3), generator=gen,
-                                         dtype=torch.uint8).to(device))
+                       rgb=torch.randint(0, 256, (b, args.num_cameras, args.camera_size, args.camera_size, 3),
+                                         generator=gen, dtype=torch.uint8).to(device))
             everyone = torch.ones(b, dtype=torch.bool, device=device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
