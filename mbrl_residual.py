@@ -158,7 +158,7 @@ class Args:
     disagreement_quantile: float = 0.5
     """... or exceeds this quantile of the disagreement on held-out real transitions, recalibrated every round
     (1: cut only beyond the most uncertain held-out transition). The fixed bound alone never cut (disagreement stays
-    near 0.02), yet disagreement does rank the model's errors: on held-out transitions the less uncertain half had
+    near 0.01-0.02), yet disagreement does rank the model's errors: on held-out transitions the less uncertain half had
     0.16-0.45 times the other half's next-state error (python benchmarks/mbrl_model_fit.py)"""
     model_retain_rounds: int = 5
     """imagined transitions are kept for this many rounds (the imagined buffer's size)"""
