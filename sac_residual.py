@@ -20,6 +20,7 @@ qf1_loss,qf2_loss,qf_loss,actor_loss,alpha,alpha_loss,residual_l2}, residual/{ba
 residual_active}, charts/{SPS,env_SPS,SPS_over_env_SPS,learning_rate}, time/{rollout,env,update,eval}.
 """
 
+import copy
 import json
 import math
 import os
@@ -141,6 +142,11 @@ class Args:
     on `coarse`, 0.1 -> 0.01 over 100k steps collapsed (0.06 and 0.00 at 100k, seeds 1 and 3; README), so it is off"""
     residual_l2_decay_steps: int = 100_000
     """env steps over which --residual-l2 moves to --residual-l2-final"""
+    eval_ema: float = 0.0
+    """also evaluate a Polyak average of the actor (0: off): after every actor update the average moves towards the
+    actor by 1 - this decay (0.9998: about the last 5,000 updates, 10k env steps at the defaults). Evaluations then
+    log the average as eval/* and the actor itself as eval_raw/* (paired: same runs, same episodes), and `--evaluate`
+    of the checkpoint uses the average. It steadied demo_explore_sac.py's evaluations (README)"""
     init_std: float = 0.2
     """initial std of the residual's pre-tanh Gaussian: small exploration around the base"""
     layer_norm: bool = True
@@ -294,6 +300,8 @@ if __name__ == "__main__":
             raise common.ConfigError("--total-timesteps, --utd and --learning-starts must be >= 0")
         if args.residual_l2 < 0 or (args.residual_l2_final is not None and args.residual_l2_final < 0):
             raise common.ConfigError("--residual-l2 and --residual-l2-final must be >= 0")
+        if not 0 <= args.eval_ema < 1:
+            raise common.ConfigError(f"--eval-ema must be in [0, 1) (a decay per actor update), got {args.eval_ema}")
         if args.save_trajectories and not args.evaluate:
             raise common.ConfigError("--save-trajectories needs --evaluate --checkpoint C")
         if args.evaluate and not args.checkpoint:
@@ -303,6 +311,7 @@ if __name__ == "__main__":
         if ckpt:  # the policy is defined by these: take them from the checkpoint, whatever the command line says
             for name in ARCH_ARGS:
                 setattr(args, name, ckpt["args"][name])
+            args.eval_ema = ckpt["args"].get("eval_ema", 0.0)  # evaluate what the run evaluated; resume exactly
         run_name = ckpt["run_name"] if ckpt and not args.evaluate else f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
         # ---- seed, device, envs ----
@@ -335,6 +344,9 @@ if __name__ == "__main__":
         target_params = list(qf1_target.parameters()) + list(qf2_target.parameters())  # loaded in place on resume
         q_optimizer = torch.optim.Adam(online_params, lr=args.q_lr, foreach=True)
         actor_params = list(actor.parameters())
+        # the averaged actor for evaluation (--eval-ema): it starts at the untrained actor, i.e. at the base
+        actor_ema = copy.deepcopy(actor).requires_grad_(False) if args.eval_ema > 0 else None
+        ema_params = [] if actor_ema is None else list(actor_ema.parameters())
         actor_optimizer = torch.optim.Adam(actor_params, lr=args.policy_lr, foreach=True)
         log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=True)
         a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
@@ -345,16 +357,21 @@ if __name__ == "__main__":
             s = obs_rms.normalize(res_state)
             return torch.cat([s, a_base], -1) if args.residual_sees_base else s
 
-        def deterministic_residual(obs, a_base):
+        def deterministic_residual(obs, a_base, policy=None):
+            """The evaluated residual: the mean of the averaged actor with --eval-ema, of the actor without."""
+            if policy is None:
+                policy = actor if actor_ema is None else actor_ema
             with torch.no_grad():
                 res_state = common.residual_state(obs["state"].to(device), args.task_features)
-                a_res = actor(rl_obs(res_state, a_base.to(device)))[0].tanh()
+                a_res = policy(rl_obs(res_state, a_base.to(device)))[0].tanh()
             return torch.where(torch.isfinite(a_res), a_res, 0.0).to(a_base.device)
 
         if ckpt:
             try:
                 actor.load_state_dict(ckpt["actor"])
                 obs_rms.load_state_dict(ckpt["obs_rms"])
+                if actor_ema is not None:
+                    actor_ema.load_state_dict(ckpt["actor_ema"])
             except (RuntimeError, KeyError) as err:
                 raise common.ConfigError(f"{args.checkpoint} does not fit this script's networks: "
                                          f"{str(err).splitlines()[0]}") from None
@@ -421,6 +438,9 @@ if __name__ == "__main__":
             actor_optimizer.zero_grad()
             actor_loss.backward(inputs=actor_params)  # no gradients for the critics' weights: ~25% of this update
             actor_optimizer.step()
+            if actor_ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema_params, actor_params, 1.0 - args.eval_ema)
             alpha_loss = -(log_alpha.exp() * (log_pi.detach() + args.target_entropy)).mean()
             if args.autotune:
                 a_optimizer.zero_grad()
@@ -461,8 +481,15 @@ if __name__ == "__main__":
                                     args.residual_scale, seed=args.seed + 10_000)
             logger.log({f"eval/{k}": v for k, v in stats.items() if k != "episodes"}, global_step)
             logger.log({f"eval_base/{k}": v for k, v in eval_base_stats.items() if k != "episodes"}, global_step)
+            raw = ""
+            if actor_ema is not None:  # the actor itself, on the same episodes (evaluate() reseeds the eval envs)
+                raw_stats = common.evaluate(eval_envs, eval_base, args.num_eval_episodes,
+                                            lambda obs, a_base: deterministic_residual(obs, a_base, actor),
+                                            args.residual_scale, seed=args.seed + 10_000)
+                logger.log({f"eval_raw/{k}": v for k, v in raw_stats.items() if k != "episodes"}, global_step)
+                raw = f" (the actor itself {raw_stats['success_at_end']:.2f})"
             logger.log({"time/eval": time.perf_counter() - t0}, global_step)
-            print(f"step {global_step}: eval success_at_end {stats['success_at_end']:.2f} (base alone "
+            print(f"step {global_step}: eval success_at_end {stats['success_at_end']:.2f}{raw} (base alone "
                   f"{eval_base_stats['success_at_end']:.2f}), success_once {stats['success_once']:.2f}, "
                   f"return {stats['return']:.2f} over {stats['episodes']} episodes")
 
@@ -483,6 +510,7 @@ if __name__ == "__main__":
                     qf1_target=qf1_target.state_dict(), qf2_target=qf2_target.state_dict(),
                     q_optimizer=q_optimizer.state_dict(), actor_optimizer=actor_optimizer.state_dict(),
                     a_optimizer=a_optimizer.state_dict(), log_alpha=log_alpha.detach().cpu(),
+                    actor_ema=None if actor_ema is None else actor_ema.state_dict(),
                     obs_rms=obs_rms.state_dict(), rb=rb.state_dict(), global_step=global_step,
                     num_updates=num_updates, update_debt=update_debt, eval_base=eval_base_stats,
                     rng=common.rng_state(),

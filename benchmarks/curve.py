@@ -108,9 +108,10 @@ def main(args: Args, extra: list[str]):
                 final_sps_over_env_sps=ratio[-1][1] if ratio else None,
                 # evaluation time up to the last SPS log (older runs counted it in their SPS)
                 eval_s=sum(v for s, v in read_scalars(run_dir, "time/eval") if sps and s < sps[-1][0]),
-                # where the gripper grasps the peg (affordance_ppo.py logs these; empty for the other scripts)
+                # the actor itself where eval/ is its Polyak average (sac_residual.py --eval-ema); where the gripper
+                # grasps the peg (affordance_ppo.py); empty for the other scripts
                 **{key.replace("/", "_"): read_scalars(run_dir, key) for key in (
-                    "eval/grasp_tail_frac", "eval/grasp_rate", "eval_base/grasp_tail_frac", "train/grasp_tail_frac",
+                    "eval_raw/success_at_end", "eval/grasp_tail_frac", "eval/grasp_rate", "eval_base/grasp_tail_frac", "train/grasp_tail_frac",
                     "reward/affordance")},
             ))
             plot(results, out, args.target)
@@ -132,6 +133,10 @@ def plot(results, out, target=0.0):
         style = ("o-", "s--", "^:", "d-.")[sorted(r["seed"] for r in runs if r["variant"] == run["variant"]).index(
             run["seed"]) % 4]
         ax.plot(steps, values, style, color=colors[run["variant"]], label=f"{label}, seed {run['seed']}")
+        if run.get("eval_raw_success_at_end"):  # --eval-ema: eval/ is the averaged actor, this the actor itself
+            raw_steps, raw_values = zip(*run["eval_raw_success_at_end"])
+            ax.plot(raw_steps, raw_values, style, color=colors[run["variant"]], alpha=0.35, lw=1,
+                    label=f"the same run's actor itself (not averaged), seed {run['seed']}")
     base_lines = [r["base_alone_success_at_end"][0][1] for r in runs if r["variant"] == "residual"
                   and r["base_alone_success_at_end"]]
     if base_lines:
