@@ -41,6 +41,17 @@ def run(script, *args, timeout=600, cwd=ROOT):
     )
 
 
+def run_batch(script, cases):
+    """Run `script` once per argument list in `cases`, all in one subprocess (tests/cli_batch.py: its imports are
+    paid once); returns one CompletedProcess-like record per case (returncode, stderr), in order."""
+    import json
+    from types import SimpleNamespace
+
+    out = run(os.path.join("tests", "cli_batch.py"), script, json.dumps([[str(a) for a in c] for c in cases]))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [SimpleNamespace(**r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
 def load_run(tmp_path, exp_name, script):
     """(run folder, checkpoint) of the run `exp_name` that `script` wrote under tmp_path/runs."""
     (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith(exp_name + "__")]

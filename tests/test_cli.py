@@ -1,15 +1,39 @@
 """Bad input to the training scripts: a clear one-line error and exit code 2, never a traceback.
 
 Each script's own validation is checked for every script; what goes through common.py (base specs, env limits,
-checkpoint loading) once, on sac_residual.py, besides common.py's unit tests.
+checkpoint loading) once, on sac_residual.py, besides common.py's unit tests. The cases of one script run in one
+subprocess (tests/cli_batch.py, the script's real entry point once per case): a fresh interpreter per case spent
+~8 s of CPU on imports, ~35 times. The last test runs real subprocesses, one per case, as a user would.
 """
 
 import pytest
-from conftest import run
+from conftest import run, run_batch
 
 import common
 
 SCRIPTS = ["sac_residual.py", "ppo_residual.py", "mbrl_residual.py", "affordance_ppo.py", "demo_explore_sac.py"]
+EVERY_SCRIPT = [
+    (["--num-envs", "0"], "--num-envs must be >= 1"),
+    (["--residual-scale", "-1"], "--residual-scale must be > 0"),
+    (["--evaluate"], "--evaluate needs --checkpoint"),
+    (["--save-trajectories", "x"], "--save-trajectories needs --evaluate"),
+]
+ONE_SCRIPT = [
+    ("ppo_residual.py", ["--noise-repeat", "0"], "--noise-repeat must be >= 1"),
+    ("mbrl_residual.py", ["--disagreement-quantile", "0"], "--disagreement-quantile must be in (0, 1], got 0.0"),
+    ("mbrl_residual.py", ["--n-step", "0"], "--n-step must be >= 1, got 0"),
+    ("sac_residual.py", ["--residual-l2-final", "-0.1"], "--residual-l2 and --residual-l2-final must be >= 0"),
+    ("sac_residual.py", ["--eval-ema", "1"], "--eval-ema must be in [0, 1)"),
+    # common.py's checks, as they reach the command line
+    ("sac_residual.py", ["--checkpoint", "/no/such/ckpt.pt"], "checkpoint not found"),
+    ("sac_residual.py", ["--base", "gr00t"], "unknown --base"),
+    ("sac_residual.py", ["--base", "coarse:hole_pos_std=abc"], "bad --base option"),
+    ("sac_residual.py", ["--num-envs", "512", "--sim-backend", "physx_cpu"], "use --num-envs"),
+]
+
+
+def other_script(script):
+    return "ppo_residual.py" if script != "ppo_residual.py" else "sac_residual.py"
 
 
 def assert_one_line_error(out, message):
@@ -17,62 +41,40 @@ def assert_one_line_error(out, message):
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--num-envs", "0"], "--num-envs must be >= 1"),
-        (["--residual-scale", "-1"], "--residual-scale must be > 0"),
-        (["--evaluate"], "--evaluate needs --checkpoint"),
-        (["--save-trajectories", "x"], "--save-trajectories needs --evaluate"),
-    ],
-)
-def test_each_script_checks_its_arguments(script, args, message):
-    assert_one_line_error(run(script, *args), message)
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """Every case of this file but the last test's: {(script, args): outcome}, one subprocess per script."""
+    tmp = tmp_path_factory.mktemp("cli")
+    found = {}
+    for script in SCRIPTS:
+        foreign = tmp / f"from_{other_script(script)}.pt"  # a checkpoint written by another script
+        common.save_checkpoint(str(foreign), dict(script=other_script(script), base="coarse"))
+        cases = [args for args, _ in EVERY_SCRIPT] + [args for s, args, _ in ONE_SCRIPT if s == script]
+        cases.append(["--checkpoint", str(foreign)])
+        for args, outcome in zip(cases, run_batch(script, cases)):
+            found[script, tuple(args)] = outcome
+        found[script, "foreign"] = found.pop((script, tuple(cases[-1])))
+    return found
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_checkpoint_from_another_script(script, tmp_path):
-    other = "ppo_residual.py" if script != "ppo_residual.py" else "sac_residual.py"
-    foreign = tmp_path / "other.pt"
-    common.save_checkpoint(str(foreign), dict(script=other, base="coarse"))
-    assert_one_line_error(run(script, "--checkpoint", foreign), f"written by {other}, not {script}")
+@pytest.mark.parametrize("args, message", EVERY_SCRIPT)
+def test_each_script_checks_its_arguments(outcomes, script, args, message):
+    assert_one_line_error(outcomes[script, tuple(args)], message)
 
 
-def test_noise_repeat_must_be_positive():
-    assert_one_line_error(run("ppo_residual.py", "--noise-repeat", "0"), "--noise-repeat must be >= 1")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_checkpoint_from_another_script(outcomes, script):
+    assert_one_line_error(outcomes[script, "foreign"], f"written by {other_script(script)}, not {script}")
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--disagreement-quantile", "0"], "--disagreement-quantile must be in (0, 1], got 0.0"),
-        (["--n-step", "0"], "--n-step must be >= 1, got 0"),
-    ],
-)
-def test_mbrl_cut_and_n_step_are_checked(args, message):
-    assert_one_line_error(run("mbrl_residual.py", *args), message)
-
-
-def test_residual_l2_schedule_must_be_non_negative():
-    assert_one_line_error(run("sac_residual.py", "--residual-l2-final", "-0.1"),
-                          "--residual-l2 and --residual-l2-final must be >= 0")
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--checkpoint", "/no/such/ckpt.pt"], "checkpoint not found"),
-        (["--base", "gr00t"], "unknown --base"),
-        (["--base", "coarse:hole_pos_std=abc"], "bad --base option"),
-        (["--num-envs", "512", "--sim-backend", "physx_cpu"], "use --num-envs"),
-    ],
-)
-def test_common_errors_reach_the_command_line(args, message):
-    assert_one_line_error(run("sac_residual.py", *args), message)
+@pytest.mark.parametrize("script, args, message", ONE_SCRIPT)
+def test_script_specific_and_common_checks(outcomes, script, args, message):
+    assert_one_line_error(outcomes[script, tuple(args)], message)
 
 
 def test_checkpoint_of_another_base_or_corrupt(tmp_path):
+    """Real subprocesses, one per case: the error path of a fresh interpreter, as a user meets it."""
     mine = tmp_path / "mine.pt"
     common.save_checkpoint(str(mine), dict(script="sac_residual.py", base="expert"))
     assert_one_line_error(run("sac_residual.py", "--base", "coarse", "--evaluate", "--checkpoint", mine),

@@ -7,7 +7,7 @@ import math
 import h5py
 import pytest
 import torch
-from conftest import Script, run, scalars
+from conftest import Script, run_batch, scalars
 from test_cli import assert_one_line_error
 
 import common
@@ -133,11 +133,13 @@ def test_bad_demonstration_files(demos, tmp_path):
     (tmp_path / "bad.json").write_text("{\"episodes\": [")
     with pytest.raises(common.ConfigError, match="not a ManiSkill trajectory json"):
         read_demo_file(str(tmp_path / "bad.h5"), 1, HIDDEN, 7)
-    # and on the command line: one line, exit code 2, before any simulator starts
-    assert_one_line_error(run("demo_explore_sac.py", "--demos", tmp_path / "none.h5"), "demonstration file not found")
-    assert_one_line_error(run("demo_explore_sac.py", "--demo-ratio", "1"), "--demo-ratio must be in [0, 1)")
-    assert_one_line_error(run("demo_explore_sac.py", "--demo-noise", "-0.1"), "--demo-noise must be in [0, 1]")
-    assert_one_line_error(run("demo_explore_sac.py", "--eval-ema", "1"), "--eval-ema must be in [0, 1)")
+    # and on the command line: one line, exit code 2, before any simulator starts (one subprocess for the four)
+    cases = {"demonstration file not found": ["--demos", tmp_path / "none.h5"],
+             "--demo-ratio must be in [0, 1)": ["--demo-ratio", "1"],
+             "--demo-noise must be in [0, 1]": ["--demo-noise", "-0.1"],
+             "--eval-ema must be in [0, 1)": ["--eval-ema", "1"]}
+    for message, outcome in zip(cases, run_batch("demo_explore_sac.py", list(cases.values()))):
+        assert_one_line_error(outcome, message)
 
 
 def test_dart_demonstrations_store_clean_labels_and_replay(tmp_path):

@@ -52,24 +52,32 @@ def test_evaluate_checkpoint_prints_json(trained):
     assert "eval/median_steps_to_success" in stats
 
 
-def test_bc_alone_reuses_the_cached_demos(trained):
+@pytest.fixture(scope="module")
+def bc_alone(trained):
     """A second bare command finds the cached default set; with --total-timesteps 0 it is behaviour cloning on the
-    demonstrations alone, evaluated once."""
+    demonstrations alone (the first of them), evaluated once."""
     tmp_path, _ = trained
     out = DEMO.train(tmp_path, "--num-demos", "1", "--total-timesteps", "0", "--exp-name", "bc")
-    assert out.returncode == 0 and "generating" not in out.stdout, out.stderr[-3000:]
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp_path, out
+
+
+def test_bc_alone_reuses_the_cached_demos(bc_alone):
+    tmp_path, out = bc_alone
+    assert "generating" not in out.stdout
     run_dir, ckpt = DEMO.checkpoint(tmp_path, "bc")
     assert ckpt["global_step"] == 0 and ckpt["demos"]["demos/episodes"] == 1
     tags = scalars(run_dir)
     assert [s for s, _ in tags["eval/success_at_end"]] == [0] and "losses/bc_pretrain_loss" in tags
 
 
-def test_resume_is_exact_with_ibrl_and_the_averaged_actor(demos, tmp_path):
+def test_resume_is_exact_with_ibrl_and_the_averaged_actor(bc_alone, tmp_path):
     """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint, with every optional
-    network on. --ibrl: the BC-pretrained residual is kept, frozen, beside the RL one (its weights are BC-alone's,
-    same seed), the RL one moves away from it, and the share of steps that took BC's action is logged. --eval-ema:
-    the averaged actor trails the actor, and it is the one --evaluate runs."""
-    args = ["--demos", demos[0], "--num-demos", "1", "--eval-freq", "150", "--seed", "3"]
+    network on. --ibrl: the BC-pretrained residual is kept, frozen, beside the RL one (its weights are BC-alone's:
+    same demonstrations, same seed), the RL one moves away from it, and the share of steps that took BC's action is
+    logged. --eval-ema: the averaged actor trails the actor, and it is the one evaluations and --evaluate run."""
+    bc_dir = bc_alone[0]
+    args = ["--demos", bc_dir / "demos" / f"spiral_{HIDDEN}_dart0.05.h5", "--num-demos", "1", "--eval-freq", "150"]
     (full_dir, a), (_, b) = DEMO.resume_pair(tmp_path, [*args, "--ibrl", "--eval-ema", "0.9"], 300, 150)
     assert a["global_step"] == b["global_step"] == 300 and a["num_updates"] == b["num_updates"]
     for net in ("actor", "bc_actor", "actor_ema", "qf1", "qf2", "qf1_target"):
@@ -77,23 +85,23 @@ def test_resume_is_exact_with_ibrl_and_the_averaged_actor(demos, tmp_path):
     assert torch.equal(a["rb"]["data"]["reward"], b["rb"]["data"]["reward"])
     ema = a["actor_ema"]["mean.weight"]
     assert torch.isfinite(ema).all() and not torch.equal(ema, a["actor"]["mean.weight"])
-    bc = DEMO.train(tmp_path, *args, "--total-timesteps", "0", "--exp-name", "bc")
-    assert bc.returncode == 0, bc.stderr[-3000:]
-    bc_actor = DEMO.checkpoint(tmp_path, "bc")[1]["actor"]
+    bc_actor = DEMO.checkpoint(bc_dir, "bc")[1]["actor"]
     assert_same_tensors(a["bc_actor"], bc_actor, "bc_actor")
     assert not torch.equal(a["actor"]["mean.weight"], bc_actor["mean.weight"])  # RL trained the other one
     assert not torch.equal(ema, bc_actor["mean.weight"])  # the average left the BC start, behind the actor
-    share = [v for _, v in scalars(full_dir)["residual/ibrl_bc_share"]]
+    tags = scalars(full_dir)
+    share = [v for _, v in tags["residual/ibrl_bc_share"]]
     assert share and all(0.0 <= v <= 1.0 for v in share), share
 
-    # --evaluate evaluates the averaged actor: saturating the raw actor's output changes nothing it prints
-    def evaluate(ckpt_path):
-        out = run("demo_explore_sac.py", "--evaluate", "--checkpoint", ckpt_path, "--num-eval-envs", "1",
-                  "--num-eval-episodes", "1")
-        assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
+    # --evaluate evaluates the averaged actor: with the raw actor's output saturated it prints what the run's own
+    # last evaluation logged (same seed, so the same episode)
     raw = torch.load(full_dir / "ckpt.pt", weights_only=False)
     raw["actor"]["mean.bias"] = torch.full_like(raw["actor"]["mean.bias"], 100.0)  # tanh: +1 on every dimension
     torch.save(raw, tmp_path / "raw_actor_saturated.pt")
-    assert evaluate(tmp_path / "raw_actor_saturated.pt") == evaluate(full_dir / "ckpt.pt")
+    out = run("demo_explore_sac.py", "--evaluate", "--checkpoint", tmp_path / "raw_actor_saturated.pt",
+              "--num-eval-envs", "1", "--num-eval-episodes", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert tags["eval/return"][-1][0] == 300
+    assert stats["eval/return"] == pytest.approx(tags["eval/return"][-1][1], abs=1e-3)
+    assert stats["eval/success_at_end"] == tags["eval/success_at_end"][-1][1]

@@ -63,7 +63,7 @@ train, checkpoint = SAC.train, SAC.checkpoint
 def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sac")
     out = train(tmp_path, "--base", "expert", "--total-timesteps", "300", "--eval-freq", "200", "--exp-name", "t",
-                "--residual-l2-final", "0.02", "--residual-l2-decay-steps", "100")
+                "--residual-l2-final", "0.02", "--residual-l2-decay-steps", "100", "--eval-ema", "0.9")
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp_path, out
 
@@ -89,6 +89,10 @@ def test_training_writes_checkpoint_and_scalars(trained):
                                                                           (300, 0.02)]
     # The untrained residual is exactly the base: its first evaluation equals the base alone.
     assert tags["eval/success_at_end"][0] == tags["eval_base/success_at_end"][0] == (0, 1.0)
+    # --eval-ema: every evaluation also runs the actor itself (eval_raw/), on the same episodes; the two start equal
+    assert [s for s, _ in tags["eval_raw/return"]] == [s for s, _ in tags["eval/return"]] == [0, 200, 300]
+    assert tags["eval_raw/return"][0] == tags["eval/return"][0]
+    assert tags["eval_raw/return"][-1] != tags["eval/return"][-1]
     assert "step 300/300" in out.stdout
 
 
@@ -100,6 +104,11 @@ def test_evaluate_checkpoint_prints_json(trained):
     assert out.returncode == 0, out.stderr[-3000:]
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["eval/episodes"] == 1 and 0 <= stats["eval/success_at_end"] <= 1
+    # the run was trained with --eval-ema: --evaluate runs the averaged actor, as the run's own evaluations did (same
+    # seed and eval envs, so the same episode), not the actor itself
+    tags = scalars(run_dir)
+    assert stats["eval/return"] == pytest.approx(tags["eval/return"][-1][1], abs=1e-3)
+    assert stats["eval/return"] != pytest.approx(tags["eval_raw/return"][-1][1], abs=1e-3)
 
 
 def test_resuming_an_older_buffer_layout_is_a_clear_error(trained, tmp_path):
@@ -137,10 +146,12 @@ def test_saved_trajectories_replay_with_maniskill(trained):
 
 
 def test_resume_is_exact(tmp_path):
-    """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint."""
-    (_, a), (_, b) = SAC.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "150", "--seed", "3"], 300, 150)
+    """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint (with the averaged
+    actor of --eval-ema)."""
+    args = ["--base", "coarse", "--eval-freq", "150", "--seed", "3", "--eval-ema", "0.9"]
+    (_, a), (_, b) = SAC.resume_pair(tmp_path, args, 300, 150)
     assert a["global_step"] == b["global_step"] == 300 and a["num_updates"] == b["num_updates"]
-    for net in ("actor", "qf1", "qf2", "qf1_target"):
+    for net in ("actor", "actor_ema", "qf1", "qf2", "qf1_target"):
         assert_same_tensors(a[net], b[net], net)
     assert torch.equal(a["rb"]["data"]["reward"], b["rb"]["data"]["reward"])
     assert torch.equal(a["log_alpha"], b["log_alpha"])
