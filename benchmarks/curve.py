@@ -132,6 +132,8 @@ def plot(results, out, target=0.0):
         label = f"residual {algo} on {run['base']}" if run["variant"] == "residual" else f"{algo} from scratch (base zero)"
         style = ("o-", "s--", "^:", "d-.")[sorted(r["seed"] for r in runs if r["variant"] == run["variant"]).index(
             run["seed"]) % 4]
+        if run.get("eval_raw_success_at_end"):
+            label += " (its averaged actor, --eval-ema)"
         ax.plot(steps, values, style, color=colors[run["variant"]], label=f"{label}, seed {run['seed']}")
         if run.get("eval_raw_success_at_end"):  # --eval-ema: eval/ is the averaged actor, this the actor itself
             raw_steps, raw_values = zip(*run["eval_raw_success_at_end"])
