@@ -15,7 +15,8 @@ from the step.
     python sac_residual.py --evaluate --checkpoint runs/<run>/ckpt.pt
 
 Logged: train/{return,episode_len,success_once,success_at_end}, eval/{same}, eval_base/{same} (the base alone,
-measured once, repeated at every eval), reward/{grasp,orient,insert,success,stage}, losses/{qf1_value,qf2_value,
+measured once, repeated at every eval), eval_raw/{same} (with --eval-ema: the actor itself),
+reward/{grasp,orient,insert,success,stage}, losses/{qf1_value,qf2_value,
 qf1_loss,qf2_loss,qf_loss,actor_loss,alpha,alpha_loss,residual_l2}, residual/{base_action_norm,residual_action_norm,
 residual_active}, charts/{SPS,env_SPS,SPS_over_env_SPS,learning_rate}, time/{rollout,env,update,eval}.
 """
@@ -146,7 +147,8 @@ class Args:
     """also evaluate a Polyak average of the actor (0: off): after every actor update the average moves towards the
     actor by 1 - this decay (0.9998: about the last 5,000 updates, 10k env steps at the defaults). Evaluations then
     log the average as eval/* and the actor itself as eval_raw/* (paired: same runs, same episodes), and `--evaluate`
-    of the checkpoint uses the average. It steadied demo_explore_sac.py's evaluations (README)"""
+    of the checkpoint uses the average. It steadied demo_explore_sac.py's evaluations; here, from `coarse`, it was
+    level with the actor over 200k steps (seeds 1 and 3, README), so it is off"""
     init_std: float = 0.2
     """initial std of the residual's pre-tanh Gaussian: small exploration around the base"""
     layer_norm: bool = True
