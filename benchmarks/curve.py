@@ -111,8 +111,8 @@ def main(args: Args, extra: list[str]):
                 # the actor itself where eval/ is its Polyak average (sac_residual.py --eval-ema); where the gripper
                 # grasps the peg (affordance_ppo.py); empty for the other scripts
                 **{key.replace("/", "_"): read_scalars(run_dir, key) for key in (
-                    "eval_raw/success_at_end", "eval/grasp_tail_frac", "eval/grasp_rate", "eval_base/grasp_tail_frac", "train/grasp_tail_frac",
-                    "reward/affordance")},
+                    "eval_raw/success_at_end", "eval/grasp_tail_frac", "eval/grasp_rate", "eval_base/grasp_tail_frac",
+                    "train/grasp_tail_frac", "reward/affordance")},
             ))
             plot(results, out, args.target)
 
