@@ -94,6 +94,11 @@ class Args:
     """whether the residual observes [s, a_base] (paper 2.1) rather than s alone (RPL's finding)"""
     task_features: bool = True
     """whether the residual also observes common.task_features(s): the head's offset from the hole axis, depth, tilt"""
+    residual_dims: Optional[tuple[int, ...]] = None
+    """the action dimensions the residual may change (None: all); e.g. `0 1 2`, the translation of pd_ee_delta_pose:
+    the coarse base's error is a lateral offset, and a hand-written lateral correction on those three alone reaches
+    0.84 (benchmarks/oracle_residual.py). Fewer dimensions: less for the critic to rank, no entropy or L2 spent on
+    the others"""
 
     # algorithm
     gamma: float = 0.95
@@ -191,17 +196,20 @@ class SoftQNetwork(nn.Module):
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
 EPISODE_KEYS = ("return", "episode_len", "success_once", "success_at_end")
 ARCH_ARGS = ("env_id", "control_mode", "residual_scale", "residual_sees_base", "task_features",
-             "hidden_dim", "layer_norm")
+             "hidden_dim", "layer_norm", "residual_dims")
 
 
 class Actor(nn.Module):
-    """Tanh-Gaussian residual. The mean head starts at exactly zero, so the untrained residual is the base itself."""
+    """Tanh-Gaussian residual. The mean head starts at exactly zero, so the untrained residual is the base itself.
+    It acts on `dims` of the action only (all by default); `expand` puts zeros on the others."""
 
-    def __init__(self, obs_dim, act_dim, hidden, init_std):
+    def __init__(self, obs_dim, act_dim, hidden, init_std, dims=None):
         super().__init__()
+        self.act_dim = act_dim
+        self.register_buffer("dims", torch.arange(act_dim) if dims is None else torch.tensor(dims), persistent=False)
         self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.mean = nn.Linear(hidden, act_dim)
-        self.log_std = nn.Linear(hidden, act_dim)
+        self.mean = nn.Linear(hidden, len(self.dims))
+        self.log_std = nn.Linear(hidden, len(self.dims))
         nn.init.zeros_(self.mean.weight), nn.init.zeros_(self.mean.bias)
         nn.init.zeros_(self.log_std.weight), nn.init.constant_(self.log_std.bias, math.log(init_std))
 
@@ -216,7 +224,13 @@ class Actor(nn.Module):
         y_t = torch.tanh(x_t)
         log_prob = (-0.5 * ((x_t - mean) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         log_prob = log_prob - torch.log(1 - y_t.pow(2) + 1e-6).sum(-1)
-        return y_t, log_prob, torch.tanh(mean)
+        return self.expand(y_t), log_prob, self.expand(torch.tanh(mean))
+
+    def expand(self, y):
+        """(..., len(dims)) -> (..., act_dim), zero on the dimensions the residual leaves alone."""
+        if len(self.dims) == self.act_dim:
+            return y
+        return y.new_zeros(*y.shape[:-1], self.act_dim).index_copy(y.dim() - 1, self.dims, y)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -312,7 +326,7 @@ if __name__ == "__main__":
         ckpt = common.load_checkpoint(args.checkpoint, "sac_residual.py", args.base) if args.checkpoint else None
         if ckpt:  # the policy is defined by these: take them from the checkpoint, whatever the command line says
             for name in ARCH_ARGS:
-                setattr(args, name, ckpt["args"][name])
+                setattr(args, name, ckpt["args"].get(name))  # residual_dims: None in checkpoints older than it
             args.eval_ema = ckpt["args"].get("eval_ema", 0.0)  # evaluate what the run evaluated; resume exactly
         run_name = ckpt["run_name"] if ckpt and not args.evaluate else f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
@@ -335,9 +349,13 @@ if __name__ == "__main__":
         res_dim = state_dim + (common.TASK_FEATURE_DIM if args.task_features else 0)
         obs_dim = res_dim + (act_dim if args.residual_sees_base else 0)
         eval_base = common.make_base_policy(args.base, eval_envs, seed=args.seed)
+        if args.residual_dims is not None and (not args.residual_dims or len(set(args.residual_dims)) < len(
+                args.residual_dims) or not all(0 <= d < act_dim for d in args.residual_dims)):
+            raise common.ConfigError(f"--residual-dims must be distinct action dimensions in [0, {act_dim}), got "
+                                     f"{' '.join(map(str, args.residual_dims))}")
 
         # ---- networks ----
-        actor = Actor(obs_dim, act_dim, args.hidden_dim, args.init_std).to(device)
+        actor = Actor(obs_dim, act_dim, args.hidden_dim, args.init_std, args.residual_dims).to(device)
         qf1, qf2 = (SoftQNetwork(obs_dim, act_dim, args.hidden_dim, args.layer_norm).to(device) for _ in range(2))
         qf1_target, qf2_target = (SoftQNetwork(obs_dim, act_dim, args.hidden_dim, args.layer_norm).to(device)
                                   for _ in range(2))
@@ -365,7 +383,7 @@ if __name__ == "__main__":
                 policy = actor if actor_ema is None else actor_ema
             with torch.no_grad():
                 res_state = common.residual_state(obs["state"].to(device), args.task_features)
-                a_res = policy(rl_obs(res_state, a_base.to(device)))[0].tanh()
+                a_res = policy.expand(policy(rl_obs(res_state, a_base.to(device)))[0].tanh())
             return torch.where(torch.isfinite(a_res), a_res, 0.0).to(a_base.device)
 
         if ckpt:
