@@ -63,7 +63,8 @@ train, checkpoint = SAC.train, SAC.checkpoint
 def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sac")
     out = train(tmp_path, "--base", "expert", "--total-timesteps", "300", "--eval-freq", "200", "--exp-name", "t",
-                "--residual-l2-final", "0.02", "--residual-l2-decay-steps", "100", "--eval-ema", "0.9")
+                "--residual-l2-final", "0.02", "--residual-l2-decay-steps", "100", "--eval-ema", "0.9",
+                "--residual-dims", "0", "1", "2", "6")
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp_path, out
 
@@ -79,6 +80,9 @@ def test_training_writes_checkpoint_and_scalars(trained):
                 "log_alpha", "obs_rms", "rng", "eval_base"):
         assert key in ckpt
     assert ckpt["obs_rms"]["count"] > 99  # statistics of the 100 base-only warm-up steps
+    # --residual-dims 0 1 2 6: the actor's heads have those 4 outputs (and --evaluate below reads them from the
+    # checkpoint's args: no --residual-dims on its command line)
+    assert tuple(ckpt["args"]["residual_dims"]) == (0, 1, 2, 6) and ckpt["actor"]["mean.weight"].shape[0] == 4
     tags = scalars(run_dir)
     for key in ("eval/success_at_end", "eval/success_once", "eval/return", "eval_base/success_at_end",
                 "train/success_once", "reward/grasp", "reward/insert", "losses/qf1_loss", "losses/actor_loss",
@@ -139,6 +143,9 @@ def test_saved_trajectories_replay_with_maniskill(trained):
     with h5py.File(traj / "trajectories.h5") as f:
         assert f["traj_0/base_actions"].shape == f["traj_0/actions"].shape == (100, 7)
         assert f["traj_0/residual_actions"].shape == (100, 7) and "obs" in f["traj_0"]
+        a_res = torch.as_tensor(f["traj_0/residual_actions"][:])
+    # the run's --residual-dims 0 1 2 6: the residual moved those dimensions and left the rotation exactly alone
+    assert (a_res[:, 3:6] == 0).all() and (a_res[:, [0, 1, 2, 6]] != 0).all(-1).any()
     replay = subprocess.run([sys.executable, "-m", "mani_skill.trajectory.replay_trajectory", "--traj-path",
                              str(traj / "trajectories.h5"), "-b", "physx_cpu"], capture_output=True, text=True,
                             timeout=600)
