@@ -85,6 +85,10 @@ class Args:
     """whether the residual observes [s, a_base] (paper 2.1) rather than s alone"""
     task_features: bool = True
     """whether the residual also observes common.task_features(s): the head's offset from the hole axis, depth, tilt"""
+    residual_dims: Optional[tuple[int, ...]] = None
+    """the action dimensions the residual may change (None: all); e.g. `0 1 2`, the translation of pd_ee_delta_pose,
+    where the coarse base's error is (a hand-written lateral correction on those alone: 0.84, oracle_residual.py):
+    exploration noise on the rotation dimensions adds variance to the return and nothing the task needs"""
 
     # algorithm
     num_steps: int = 500
@@ -143,7 +147,7 @@ class Args:
 
 
 ARCH_ARGS = ("env_id", "control_mode", "residual_scale", "residual_sees_base", "task_features",
-             "hidden_dim", "norm_obs")
+             "hidden_dim", "norm_obs", "residual_dims")
 EPISODE_KEYS = ("return", "episode_len", "success_once", "success_at_end")
 
 
@@ -154,10 +158,14 @@ def layer_init(layer, std=math.sqrt(2), bias=0.0):
 
 
 class Agent(nn.Module):
-    """Gaussian residual over a pre-tanh action u, and a value function, both on s_RL = [normalised s, a_base]."""
+    """Gaussian residual over a pre-tanh action u, and a value function, both on s_RL = [normalised s, a_base].
+    u has one entry per dimension in `dims` (all by default); `expand` puts zeros on the others."""
 
-    def __init__(self, obs_dim, act_dim, hidden, init_std, fixed_std):
+    def __init__(self, obs_dim, act_dim, hidden, init_std, fixed_std, dims=None):
         super().__init__()
+        self.full_dim = act_dim
+        self.register_buffer("dims", torch.arange(act_dim) if dims is None else torch.tensor(dims), persistent=False)
+        act_dim = len(self.dims)
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(), layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
             layer_init(nn.Linear(hidden, 1), std=1.0),
@@ -179,6 +187,12 @@ class Agent(nn.Module):
             u = dist.sample() if noise is None else mean + std * noise  # noise: held standard-normal draws
         # PPO's ratio is taken on u; tanh(u) is part of the env's side (a fixed squashing shared by old and new policy)
         return u, dist.log_prob(u).sum(-1), dist.entropy().sum(-1), self.critic(x)[:, 0]
+
+    def expand(self, y):
+        """(..., len(dims)) -> (..., act_dim), zero on the dimensions the residual leaves alone."""
+        if len(self.dims) == self.full_dim:
+            return y
+        return y.new_zeros(*y.shape[:-1], self.full_dim).index_copy(y.dim() - 1, self.dims, y)
 
 
 def hold_noise(noise, age, repeat):
@@ -234,7 +248,7 @@ if __name__ == "__main__":
         ckpt = common.load_checkpoint(args.checkpoint, "ppo_residual.py", args.base) if args.checkpoint else None
         if ckpt:  # the policy is defined by these: take them from the checkpoint, whatever the command line says
             for name in ARCH_ARGS:
-                setattr(args, name, ckpt["args"][name])
+                setattr(args, name, ckpt["args"].get(name))  # residual_dims: None in checkpoints older than it
         run_name = ckpt["run_name"] if ckpt and not args.evaluate else f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
         # ---- seed, device, envs ----
@@ -256,9 +270,14 @@ if __name__ == "__main__":
         res_dim = state_dim + (common.TASK_FEATURE_DIM if args.task_features else 0)
         obs_dim = res_dim + (act_dim if args.residual_sees_base else 0)
         eval_base = common.make_base_policy(args.base, eval_envs, seed=args.seed)
+        if args.residual_dims is not None and (not args.residual_dims or len(set(args.residual_dims)) < len(
+                args.residual_dims) or not all(0 <= d < act_dim for d in args.residual_dims)):
+            raise common.ConfigError(f"--residual-dims must be distinct action dimensions in [0, {act_dim}), got "
+                                     f"{' '.join(map(str, args.residual_dims))}")
+        u_dim = act_dim if args.residual_dims is None else len(args.residual_dims)  # the residual's own action size
 
         # ---- networks ----
-        agent = Agent(obs_dim, act_dim, args.hidden_dim, args.init_std, args.fixed_std).to(device)
+        agent = Agent(obs_dim, act_dim, args.hidden_dim, args.init_std, args.fixed_std, args.residual_dims).to(device)
         optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate,
                                      eps=1e-5)
         obs_rms = common.RunningMeanStd(res_dim, device=device)
@@ -273,7 +292,7 @@ if __name__ == "__main__":
 
         def deterministic_residual(obs, a_base):
             with torch.no_grad():
-                a_res = agent.actor_mean(rl_obs(obs["state"].to(device), a_base.to(device))).tanh()
+                a_res = agent.expand(agent.actor_mean(rl_obs(obs["state"].to(device), a_base.to(device))).tanh())
             return torch.where(torch.isfinite(a_res), a_res, 0.0).to(a_base.device)
 
         if ckpt:
@@ -309,7 +328,7 @@ if __name__ == "__main__":
         # ---- rollout storage on the training device ----
         b_shape = (args.num_steps, args.num_envs)
         obs_buf = torch.zeros(b_shape + (obs_dim,), device=device)
-        u_buf = torch.zeros(b_shape + (act_dim,), device=device)
+        u_buf = torch.zeros(b_shape + (u_dim,), device=device)
         logprobs, rewards, values, final_values, terminateds, dones = (torch.zeros(b_shape, device=device)
                                                                        for _ in range(6))
 
@@ -369,7 +388,7 @@ if __name__ == "__main__":
             return obs, base(obs).to(device), torch.zeros(args.num_envs, device=device)
 
         # --noise-repeat: each env's held noise and its age in steps (0: draw afresh), restarted with the envs
-        noise = torch.zeros(args.num_envs, act_dim, device=device)
+        noise = torch.zeros(args.num_envs, u_dim, device=device)
         noise_age = torch.zeros(args.num_envs, dtype=torch.long, device=device)
 
         def save():
@@ -421,7 +440,7 @@ if __name__ == "__main__":
                     else:
                         u, logprob, value = policy_step(x)
                     # A diverged policy must not send NaN to the simulator; the loss check below stops the run.
-                    a_res = torch.where(torch.isfinite(u), u, 0.0).tanh()
+                    a_res = agent.expand(torch.where(torch.isfinite(u), u, 0.0).tanh())
                     action = common.compose_action(a_base, a_res, args.residual_scale)
                     next_obs, reward, terminated, truncated, info = envs.step(action.to(env_device))
                     done = terminated | truncated
@@ -465,7 +484,7 @@ if __name__ == "__main__":
                                                       args.gae_lambda)
 
                 # ---- update ----
-                b_obs, b_u = obs_buf.reshape(batch_size, obs_dim), u_buf.reshape(batch_size, act_dim)
+                b_obs, b_u = obs_buf.reshape(batch_size, obs_dim), u_buf.reshape(batch_size, u_dim)
                 b_logprobs, b_advantages, b_returns, b_values = (t.reshape(-1) for t in (logprobs, advantages,
                                                                                         returns, values))
                 stats, num_mb = torch.zeros(6, device=device), 0

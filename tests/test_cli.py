@@ -20,6 +20,7 @@ EVERY_SCRIPT = [
 ]
 ONE_SCRIPT = [
     ("ppo_residual.py", ["--noise-repeat", "0"], "--noise-repeat must be >= 1"),
+    ("ppo_residual.py", ["--residual-dims", "3", "3"], "--residual-dims must be distinct action dimensions"),
     ("mbrl_residual.py", ["--disagreement-quantile", "0"], "--disagreement-quantile must be in (0, 1], got 0.0"),
     ("mbrl_residual.py", ["--n-step", "0"], "--n-step must be >= 1, got 0"),
     ("sac_residual.py", ["--residual-l2-final", "-0.1"], "--residual-l2 and --residual-l2-final must be >= 0"),

@@ -57,10 +57,11 @@ def test_gae_bootstraps_truncation_but_not_termination():
 def runs(tmp_path_factory):
     """Checkpoints of 300 steps in one run, and of 150 steps resumed to 300 (same seed), with exploration noise
     held for 30 steps (--noise-repeat). The checkpoint falls mid-episode (episodes last 100 steps), where the held
-    noise's age must restart with the envs, so exact resume covers the held noise too."""
+    noise's age must restart with the envs, so exact resume covers the held noise too. The residual acts on the
+    translation only (--residual-dims 0 1 2)."""
     tmp_path = tmp_path_factory.mktemp("ppo")
-    return PPO.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "150", "--seed", "3", "--noise-repeat", "30"],
-                           300, 150)
+    return PPO.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "150", "--seed", "3", "--noise-repeat", "30",
+                                      "--residual-dims", "0", "1", "2"], 300, 150)
 
 
 def test_training_writes_checkpoint_and_scalars(runs):
@@ -71,6 +72,8 @@ def test_training_writes_checkpoint_and_scalars(runs):
     assert ckpt["obs_rms"]["count"] > 299 and ckpt["return_rms"]["count"] > 299  # one update per step
     # the residual's mean head starts at zero and has moved; the std is learned by default
     assert ckpt["agent"]["actor_mean.4.weight"].abs().sum() > 0
+    # --residual-dims 0 1 2: three outputs (the evaluation test below reads them from the checkpoint's args)
+    assert ckpt["agent"]["actor_logstd"].shape == (1, 3) and tuple(ckpt["args"]["residual_dims"]) == (0, 1, 2)
     tags = scalars(run_dir)
     for key in ("eval/success_at_end", "eval/success_once", "eval/return", "eval_base/success_at_end",
                 "train/return", "reward/grasp", "reward/insert", "losses/value_loss", "losses/policy_loss",
