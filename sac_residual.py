@@ -98,9 +98,9 @@ class Args:
     """the action dimensions the residual may change (None: all); e.g. `0 1 2`, the translation of pd_ee_delta_pose:
     the coarse base's error is a lateral offset, and a hand-written lateral correction on those three alone reaches
     0.84 (benchmarks/oracle_residual.py). Fewer dimensions: less for the critic to rank, no entropy or L2 spent on
-    the others. Measured on `coarse` (seeds 1, 3): level with all dimensions on average (0.52 over 25k-200k on both),
-    lower at 200k (0.56, 0.60 against 0.64, 0.70): the lateral ceiling is below the 0.9 target, so all stay the
-    default (README)"""
+    the others. Measured on `coarse` (seeds 1, 3): level with all dimensions on average (mean success over 25k-200k
+    and both seeds 0.52 either way), lower at 200k (0.56, 0.60 against 0.64, 0.70): the lateral ceiling is below the
+    0.9 target, so all stay the default (README)"""
 
     # algorithm
     gamma: float = 0.95
