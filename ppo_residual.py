@@ -90,7 +90,8 @@ class Args:
     where the coarse base's error is (a hand-written lateral correction on those alone: 0.84, oracle_residual.py):
     noise on the rotation adds variance to the return and nothing the task needs. Measured on `coarse` (seed 1, 100
     episodes): 0.43 and 0.34 at 50k and 100k steps (all dimensions: 0.40, 0.36), 0.19 at 50k with --noise-repeat
-    100 (a held tilt was not what spoiled held noise): no gain, so all dimensions stay the default"""
+    100 (a held tilt was not what spoiled held noise), 0.19 at 50k with --init-std 0.6: no gain, so all dimensions
+    stay the default"""
 
     # algorithm
     num_steps: int = 500
