@@ -277,10 +277,10 @@ if __name__ == "__main__":
                 args.residual_dims) or not all(0 <= d < act_dim for d in args.residual_dims)):
             raise common.ConfigError(f"--residual-dims must be distinct action dimensions in [0, {act_dim}), got "
                                      f"{' '.join(map(str, args.residual_dims))}")
-        u_dim = act_dim if args.residual_dims is None else len(args.residual_dims)  # the residual's own action size
 
         # ---- networks ----
         agent = Agent(obs_dim, act_dim, args.hidden_dim, args.init_std, args.fixed_std, args.residual_dims).to(device)
+        u_dim = len(agent.dims)  # the residual's own action size (--residual-dims)
         optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate,
                                      eps=1e-5)
         obs_rms = common.RunningMeanStd(res_dim, device=device)

@@ -1,5 +1,6 @@
 """ppo_residual.py: GAE against a reference from the definition, and end to end as a subprocess with a tiny budget."""
 
+import importlib
 import json
 
 import pytest
@@ -95,6 +96,19 @@ def test_held_noise_is_redrawn_only_when_due():
     assert torch.equal(out[[1, 3]], noise[[1, 3]])  # held
     assert (out[[0, 2, 4]] != 5.0).all() and out[[0, 2, 4]].abs().max() < 5.0  # fresh standard-normal draws
     assert torch.equal(hold_noise(noise, torch.arange(5), 1) != 5.0, torch.ones(5, 7, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("script", ["ppo_residual", "sac_residual"])
+def test_residual_dims_put_the_residual_where_asked(script):
+    """--residual-dims 1 4 6: the policy's 3 outputs land on action dimensions 1, 4, 6 and the others stay exactly 0."""
+    module = importlib.import_module(script)
+    make = (lambda *dims: module.Agent(5, 7, 8, 0.3, False, *dims)) if script == "ppo_residual" else (
+        lambda *dims: module.Actor(5, 7, 8, 0.3, *dims))
+    y = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    expected = torch.tensor([[0.0, 1, 0, 0, 2, 0, 3], [0, 4, 0, 0, 5, 0, 6]])
+    assert torch.equal(make((1, 4, 6)).expand(y), expected)
+    full = make()
+    assert full.expand(torch.ones(2, 7)).shape == (2, 7)  # all dimensions by default
 
 
 def test_resume_is_exact(runs):
