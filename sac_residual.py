@@ -158,6 +158,13 @@ class Args:
     level with the actor over 200k steps (seeds 1 and 3, README), so it is off"""
     init_std: float = 0.2
     """initial std of the residual's pre-tanh Gaussian: small exploration around the base"""
+    noise_beta: float = 0.0
+    """colour of the training rollouts' exploration noise: the policy's Gaussian noise is drawn per episode as a
+    sequence with power spectrum 1/f^beta over the episode's steps (0: white, independent per step, plain SAC; 1: pink,
+    Eberhard et al. 2023, "Pink noise is all you need"; 2: red, near noise held for the episode). Each step's noise is
+    still a (near-)unit Gaussian, so the policy, its log-probability and the updates are unchanged: only the behaviour's
+    exploration over time is. The correction this task needs is a lateral push kept up for tens of steps, which white
+    noise averages away"""
     layer_norm: bool = True
     """whether the critics use LayerNorm (RLPD, DAWN: stabler values at high update ratios)"""
     hidden_dim: int = 256
@@ -219,10 +226,12 @@ class Actor(nn.Module):
         h = self.trunk(x)
         return self.mean(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
 
-    def get_action(self, x):
+    def get_action(self, x, eps=None):
+        """A sampled residual, its log-probability and the deterministic one; `eps`: the unit Gaussian noise to use
+        (coloured noise of the training rollouts), fresh white noise by default."""
         mean, log_std = self(x)
         std = log_std.exp()
-        x_t = mean + std * torch.randn_like(mean)  # reparameterisation
+        x_t = mean + std * (torch.randn_like(mean) if eps is None else eps)  # reparameterisation
         y_t = torch.tanh(x_t)
         log_prob = (-0.5 * ((x_t - mean) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         log_prob = log_prob - torch.log(1 - y_t.pow(2) + 1e-6).sum(-1)
@@ -233,6 +242,27 @@ class Actor(nn.Module):
         if len(self.dims) == self.act_dim:
             return y
         return y.new_zeros(*y.shape[:-1], self.act_dim).index_copy(y.dim() - 1, self.dims, y)
+
+
+def colored_noise(beta, shape, length, device=None, generator=None):
+    """Gaussian sequences of shape (*shape, length) whose power spectrum along the last axis goes as 1/f^beta, of
+    about unit variance (1.05 for pink, 1.15 for red over 100 steps, as the library normalises them): the algorithm of
+    colorednoise.powerlaw_psd_gaussian (Timmer and Koenig 1995; the pink-noise paper's generator) in torch, so the
+    noise is made on the training device from the torch RNG that checkpoints save (no numpy in the loop)."""
+    f = torch.fft.rfftfreq(length, device=device)
+    f[0] = 1.0 / length  # the lowest frequency resolved: no infinite power at f = 0
+    amp = f.pow(-beta / 2)
+    w = amp[1:].clone()
+    w[-1] *= (1 + length % 2) / 2
+    sigma = 2 * w.pow(2).sum().sqrt() / length  # the std the sequences would have: divided out
+    re = torch.randn(*shape, len(f), device=device, generator=generator) * amp
+    im = torch.randn(*shape, len(f), device=device, generator=generator) * amp
+    im[..., 0] = 0.0  # a real signal's mean (and Nyquist) components are real
+    re[..., 0] *= math.sqrt(2)
+    if length % 2 == 0:
+        im[..., -1] = 0.0
+        re[..., -1] *= math.sqrt(2)
+    return torch.fft.irfft(torch.complex(re, im), n=length) / sigma
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -318,6 +348,8 @@ if __name__ == "__main__":
             raise common.ConfigError("--total-timesteps, --utd and --learning-starts must be >= 0")
         if args.residual_l2 < 0 or (args.residual_l2_final is not None and args.residual_l2_final < 0):
             raise common.ConfigError("--residual-l2 and --residual-l2-final must be >= 0")
+        if not args.noise_beta >= 0:
+            raise common.ConfigError(f"--noise-beta must be >= 0 (0: white noise, 1: pink), got {args.noise_beta}")
         if not 0 <= args.eval_ema < 1:
             raise common.ConfigError(f"--eval-ema must be in [0, 1) (a decay per actor update), got {args.eval_ema}")
         if args.save_trajectories and not args.evaluate:
@@ -483,9 +515,9 @@ if __name__ == "__main__":
             with torch.no_grad():
                 torch._foreach_lerp_(target_params, online_params, args.tau)
 
-        def policy_step(res_state, a_base):
+        def policy_step(res_state, a_base, eps=None):
             with torch.no_grad():
-                a_res, _, _ = actor.get_action(rl_obs(res_state, a_base))
+                a_res, _, _ = actor.get_action(rl_obs(res_state, a_base), eps)
             # A diverged actor must not send NaN to the simulator; the loss check below stops the run.
             return torch.where(torch.isfinite(a_res), a_res, 0.0)
 
@@ -515,8 +547,21 @@ if __name__ == "__main__":
                   f"{eval_base_stats['success_at_end']:.2f}), success_once {stats['success_once']:.2f}, "
                   f"return {stats['return']:.2f} over {stats['episodes']} episodes")
 
+        # --noise-beta: one noise sequence per env and episode, read one step at a time (white noise: none)
+        colored = args.noise_beta > 0
+        noise_len = envs.max_episode_steps if colored else 1
+        noise_shape = (args.num_envs, len(actor.dims))
+        noise, noise_t = torch.zeros(*noise_shape, noise_len, device=device), torch.zeros(
+            args.num_envs, dtype=torch.long, device=device)
+        env_rows = torch.arange(args.num_envs, device=device)
+
         def restart_envs():
             """Reset every train env with a seed derived from the step: a checkpoint taken here resumes exactly."""
+            nonlocal noise
+            if colored:  # from the same seed, not the global RNG, so the resumed run draws the same sequences
+                noise = colored_noise(args.noise_beta, noise_shape, noise_len, device, torch.Generator(
+                    device=device).manual_seed(args.seed + global_step))
+                noise_t.zero_()
             obs = envs.reset(seed=args.seed + global_step, reconfigure=True)
             base.reset(torch.ones(args.num_envs, dtype=torch.bool, device=envs.device), seed=args.seed + global_step)
             return common.residual_state(obs["state"].to(device), args.task_features), base(obs).to(device)
@@ -566,7 +611,7 @@ if __name__ == "__main__":
                 if global_step < args.learning_starts:
                     a_res = torch.zeros_like(a_base)  # base-only rollouts: the critic's warm-up data
                 else:
-                    a_res = policy_step(res_state, a_base)
+                    a_res = policy_step(res_state, a_base, noise[env_rows, :, noise_t] if colored else None)
                     if args.progressive_steps > 0:  # Policy Decorator's progressive exploration schedule
                         p = min((global_step - args.learning_starts) / args.progressive_steps, 1.0)
                         a_res = a_res * (torch.rand(args.num_envs, 1, device=device) < p)
@@ -604,6 +649,10 @@ if __name__ == "__main__":
                 base.reset(done)
                 next_a_base = base(next_obs).to(device)  # also the base action of the next iteration
                 done = done.to(device)
+                if colored:  # the next step of each env's sequence; a fresh sequence where an episode ended
+                    noise = torch.where(done[:, None, None], colored_noise(args.noise_beta, noise_shape, noise_len,
+                                                                           device), noise)
+                    noise_t = torch.where(done, 0, (noise_t + 1).clamp(max=noise_len - 1))
                 # Bootstrap input [s', a_base']: at an episode end the base is not queried on the terminal state (a
                 # chunked VLA would spend a query on a state it never acts from): a_base stands in for a_base'.
                 # the task features of the true next states (terminal where an episode ended) and of the next

@@ -154,14 +154,34 @@ def test_saved_trajectories_replay_with_maniskill(trained):
 
 def test_resume_is_exact(tmp_path):
     """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint (with the averaged
-    actor of --eval-ema)."""
-    args = ["--base", "coarse", "--eval-freq", "150", "--seed", "3", "--eval-ema", "0.9"]
+    actor of --eval-ema, and pink exploration noise: its sequences restart with the envs at the checkpoint)."""
+    args = ["--base", "coarse", "--eval-freq", "150", "--seed", "3", "--eval-ema", "0.9", "--noise-beta", "1"]
     (_, a), (_, b) = SAC.resume_pair(tmp_path, args, 300, 150)
     assert a["global_step"] == b["global_step"] == 300 and a["num_updates"] == b["num_updates"]
     for net in ("actor", "actor_ema", "qf1", "qf2", "qf1_target"):
         assert_same_tensors(a[net], b[net], net)
     assert torch.equal(a["rb"]["data"]["reward"], b["rb"]["data"]["reward"])
+    assert torch.equal(a["rb"]["data"]["action"], b["rb"]["data"]["action"])
     assert torch.equal(a["log_alpha"], b["log_alpha"])
+    # the noise was pink: once the residual is on at every step (from 150), consecutive residuals of the one env are
+    # correlated (white noise around a near-zero young mean: about 0)
+    res = (a["rb"]["data"]["action"] - a["rb"]["data"]["a_base"])[150:]
+    lag1 = torch.stack([torch.corrcoef(torch.stack([d[:-1], d[1:]]))[0, 1] for d in res.T])
+    assert lag1.mean() > 0.3, lag1
+
+
+@pytest.mark.parametrize("beta, std, lag1", [(0.0, 1.0, 0.0), (1.0, 1.055, 0.67), (2.0, 1.146, 0.965)])
+def test_colored_noise_has_the_variance_and_correlation_of_its_colour(beta, std, lag1):
+    """--noise-beta's sequences: the std and the correlation of neighbouring steps that
+    colorednoise.powerlaw_psd_gaussian gives for 100 steps (measured on 20,000 of its sequences: so the policy's std
+    keeps its meaning), and the same sequences from the same generator seed (what exact resume relies on)."""
+    colored_noise = importlib.import_module("sac_residual").colored_noise
+    x = colored_noise(beta, (4000, 2), 100, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (4000, 2, 100)
+    assert x.std().item() == pytest.approx(std, abs=0.02)
+    corr = torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1].item()
+    assert corr == pytest.approx(lag1, abs=0.02)
+    assert torch.equal(x, colored_noise(beta, (4000, 2), 100, generator=torch.Generator().manual_seed(0)))
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
