@@ -25,7 +25,7 @@ succeeds. A person would press the peg against the face near the estimate and sw
      - the residual acts on the arm only (`--residual-gripper`) and only once the peg has touched the face
        (`--gate-on-contact`): the base approaches and grasps, the residual learns the search. Without the gate, RL
        updates spilled into the approach and broke the grasp.
-     - what keeps RL from undoing what BC learned (measured, README): training episodes that go on after the
+     - what keeps RL from undoing what BC learned (measured, RESULTS.md): training episodes that go on after the
        insertion, as the evaluation's do (`--continue-after-success`), a strong BC term (`--bc-coef 10`) and an actor
        10x slower than the critic (`--policy-lr 3e-5`); together, not one by one. `--ibrl` (the frozen BC residual
        beside the RL one, the critic choosing between them) is an option that did not help here.
@@ -125,7 +125,8 @@ class Args:
     """staged (paper section 2.3), normalized_dense (ManiSkill's) or sparse"""
     total_timesteps: int = 20_000
     """total env steps (20k on CPU with 2 envs: all three seeds measured were at 0.92-0.94 there; later evaluations
-    swing between 0.64 and 0.90 (five runs at 30k, README), whether the BC term fades over 40k steps, 100k or never)"""
+    swing between 0.64 and 0.90 (five runs at 30k, RESULTS.md), whether the BC term fades over 40k steps, 100k or
+    never)"""
 
     # base policy and residual
     base: str = "expert"
@@ -170,7 +171,7 @@ class Args:
     """evaluate a Polyak average of the actor instead of the actor itself (0: off): after every actor update the
     average moves towards it by 1 - this decay, and evaluations and `--evaluate` use the average. Evaluations of the
     actor swing by 0.1-0.2 between checkpoints; in a 3-seed probe 0.9998 held success past the default budget (30k:
-    mean 0.89 vs 0.79) but trailed the actor at 20k (0.87 vs 0.93), so it is off at the default budget (README)"""
+    mean 0.89 vs 0.79) but trailed the actor at 20k (0.87 vs 0.93), so it is off at the default budget (RESULTS.md)"""
     ibrl: bool = False
     """IBRL (Hu et al. 2023, imitation-bootstrapped RL): keep the behaviour-cloned residual, frozen, beside the RL
     one; wherever an action is chosen (acting, evaluating, and the critic's bootstrap) take whichever of the two the
@@ -179,7 +180,7 @@ class Args:
     """whether training episodes (and the demonstrations' replay) go on after the insertion until the time limit, as
     the evaluation's do, so the data holds states after an insertion and the reward (1 per step while inserted, < 0
     once the peg comes out) pays for holding it; success is then no longer terminal for the critic. With these
-    defaults RL improves on BC on 3 of 3 seeds (README); each of the three changes alone did not (probes, in
+    defaults RL improves on BC on 3 of 3 seeds (RESULTS.md); each of the three changes alone did not (probes, in
     benchmarks/results/logs/demo_explore_probes.md): without the post-insertion data RL inserts, then loses the peg"""
 
     # algorithm
@@ -260,7 +261,7 @@ class SpiralSearchDemo(common.BasePolicy):
     / 2 pi around the estimate, `speed` of arc per step, pressed `press` into the face; (2) once the head is past the
     face plane (it dropped into the hole): push along the axis, laterally compliant (the hole guides it), back to (1)
     if it slips out. A pitch below the 3 mm radial clearance's diameter means the sweep passes within pitch / 2 of
-    any point. `--generate-demos` prints its success rate and median steps over the episodes it ran (README).
+    any point. `--generate-demos` prints its success rate and median steps over the episodes it ran (RESULTS.md).
     """
 
     @dataclass

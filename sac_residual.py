@@ -89,7 +89,7 @@ class Args:
     enough to hold the coarse base 14 mm off its hole estimate (its lateral pull is about error / 0.014 m). Wider
     bounds raise the ceiling (an expert-imitating residual: 0.91 at 0.1, 0.98 at 0.2) but broke the base while the
     critic was young: 0.2 and 0.3 fell to 0.02-0.28 success at 25k steps in 5 of 5 runs; 0.2 with --residual-l2 0.4
-    (the same pull per action unit) held it, then learned no faster than 0.1 (README)"""
+    (the same pull per action unit) held it, then learned no faster than 0.1 (RESULTS.md)"""
     residual_sees_base: bool = True
     """whether the residual observes [s, a_base] (paper 2.1) rather than s alone (RPL's finding)"""
     task_features: bool = True
@@ -100,7 +100,7 @@ class Args:
     0.84 (benchmarks/oracle_residual.py). Fewer dimensions: less for the critic to rank, no entropy or L2 spent on
     the others. Measured on `coarse` (seeds 1, 3): level with all dimensions on average (mean success over 25k-200k
     and both seeds 0.52 either way), lower at 200k (0.56, 0.60 against 0.64, 0.70): the lateral ceiling is below the
-    0.9 target, so all stay the default (README)"""
+    0.9 target, so all stay the default (RESULTS.md)"""
 
     # algorithm
     gamma: float = 0.95
@@ -146,8 +146,9 @@ class Args:
     learned (benchmarks/results/sac_residual_curve.json)"""
     residual_l2_final: Optional[float] = None
     """if set, the L2 weight moves linearly from --residual-l2 to this over --residual-l2-decay-steps env steps after
-    --learning-starts: hold the base while the critic is young, loosen once it has learned where the gain is. Measured
-    on `coarse`, 0.1 -> 0.01 over 100k steps collapsed (0.06 and 0.00 at 100k, seeds 1 and 3; README), so it is off"""
+    --learning-starts: hold the base while the critic is young, loosen once it has learned where the gain is.
+    Measured on `coarse`, 0.1 -> 0.01 over 100k steps collapsed (0.06 and 0.00 at 100k, seeds 1 and 3; RESULTS.md), so
+    it is off"""
     residual_l2_decay_steps: int = 100_000
     """env steps over which --residual-l2 moves to --residual-l2-final"""
     eval_ema: float = 0.0
@@ -155,7 +156,7 @@ class Args:
     actor by 1 - this decay (0.9998: about the last 5,000 updates, 10k env steps at the defaults). Evaluations then
     log the average as eval/* and the actor itself as eval_raw/* (paired: same runs, same episodes), and `--evaluate`
     of the checkpoint uses the average. It steadied demo_explore_sac.py's evaluations; here, from `coarse`, it was
-    level with the actor over 200k steps (seeds 1 and 3, README), so it is off"""
+    level with the actor over 200k steps (seeds 1 and 3, RESULTS.md), so it is off"""
     init_std: float = 0.2
     """initial std of the residual's pre-tanh Gaussian: small exploration around the base"""
     noise_beta: float = 0.0
