@@ -165,7 +165,8 @@ class Args:
     Eberhard et al. 2023, "Pink noise is all you need"; 2: red, near noise held for the episode). Each step's noise is
     still a (near-)unit Gaussian, so the policy, its log-probability and the updates are unchanged: only the behaviour's
     exploration over time is. The correction this task needs is a lateral push kept up for tens of steps, which white
-    noise averages away"""
+    noise averages away; yet measured on `coarse` (seeds 1, 3, 200k) pink noise stayed near the base (0.36, 0.42 at
+    200k against white noise's 0.64, 0.70; training episodes succeeded less often), so it is off (RESULTS.md)"""
     layer_norm: bool = True
     """whether the critics use LayerNorm (RLPD, DAWN: stabler values at high update ratios)"""
     hidden_dim: int = 256
