@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Residual SAC runs side by side on a lent 16-core GPU machine, for more seeds and variants than 2 CPU cores allow.
 # Each run: its own CPU simulator workers and its learner on the CPU (one thread). An update of these small networks
-# is launch-bound on a GPU (~14 ms on an H200 at batch 256, see RESULTS.md "GPU measurements"), slower than one CPU thread.
+# is launch-bound on a GPU (~14 ms on an H200 at batch 256, see RESULTS.md "GPU measurements"), slower than one CPU
+# thread.
 # Made for a machine with the packages installed (run from the repository root):
 #   OUT=<folder> bash benchmarks/gpu_sac_probe.sh "TAG SEED [EXTRA FLAGS...]" ...
 #   e.g. OUT=/tmp/o bash benchmarks/gpu_sac_probe.sh "scale0.2 3 --residual-scale 0.2" "scale0.1 1"
