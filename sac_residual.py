@@ -16,9 +16,10 @@ from the step.
 
 Logged: train/{return,episode_len,success_once,success_at_end}, eval/{same}, eval_base/{same} (the base alone,
 measured once, repeated at every eval), eval_raw/{same} (with --eval-ema: the actor itself),
-reward/{grasp,orient,insert,success,stage}, losses/{qf1_value,qf2_value,
-qf1_loss,qf2_loss,qf_loss,actor_loss,alpha,alpha_loss,residual_l2}, residual/{base_action_norm,residual_action_norm,
-residual_active}, charts/{SPS,env_SPS,SPS_over_env_SPS,learning_rate}, time/{rollout,env,update,eval}.
+reward/{grasp,orient,insert,success,stage}, losses/{qf1_value,qf2_value,qf1_loss,qf2_loss (the first two critics),
+qf_loss (mean over the critics),actor_loss,alpha,alpha_loss,residual_l2},
+residual/{base_action_norm,residual_action_norm,residual_active}, charts/{SPS,env_SPS,SPS_over_env_SPS,learning_rate},
+time/{rollout,env,update,eval}.
 """
 
 import copy
@@ -167,6 +168,13 @@ class Args:
     exploration over time is. The correction this task needs is a lateral push kept up for tens of steps, which white
     noise averages away; yet measured on `coarse` (seeds 1, 3, 200k) pink noise stayed near the base (0.36, 0.42 at
     200k against white noise's 0.64, 0.70; training episodes succeeded less often), so it is off (RESULTS.md)"""
+    num_q: int = 2
+    """critics in the ensemble (2: clipped double Q, the SAC default). With more, each target is the min over a random
+    --num-q-target of them (REDQ, RLPD) and the actor maximises the min over all of them: a lower confidence bound
+    that falls where the critics disagree, i.e. on actions the data have not tried. The L2 pull holds the residual
+    near the base everywhere; pessimism holds it only where the critics are unsure"""
+    num_q_target: int = 2
+    """the random subset of critics whose min is the bootstrap target (REDQ's M; all of them when >= --num-q)"""
     layer_norm: bool = True
     """whether the critics use LayerNorm (RLPD, DAWN: stabler values at high update ratios)"""
     hidden_dim: int = 256
@@ -350,6 +358,9 @@ if __name__ == "__main__":
             raise common.ConfigError("--total-timesteps, --utd and --learning-starts must be >= 0")
         if args.residual_l2 < 0 or (args.residual_l2_final is not None and args.residual_l2_final < 0):
             raise common.ConfigError("--residual-l2 and --residual-l2-final must be >= 0")
+        if args.num_q < 2 or args.num_q_target < 1:
+            raise common.ConfigError(f"--num-q must be >= 2 and --num-q-target >= 1, got {args.num_q} and "
+                                     f"{args.num_q_target}")
         if not args.noise_beta >= 0:
             raise common.ConfigError(f"--noise-beta must be >= 0 (0: white noise, 1: pink), got {args.noise_beta}")
         if not 0 <= args.eval_ema < 1:
@@ -364,6 +375,7 @@ if __name__ == "__main__":
             for name in ARCH_ARGS:
                 setattr(args, name, ckpt["args"].get(name))  # residual_dims: None in checkpoints older than it
             args.eval_ema = ckpt["args"].get("eval_ema", 0.0)  # evaluate what the run evaluated; resume exactly
+            args.num_q = ckpt["args"].get("num_q", 2)  # the critics in the checkpoint
         run_name = ckpt["run_name"] if ckpt and not args.evaluate else f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
         # ---- seed, device, envs ----
@@ -392,12 +404,10 @@ if __name__ == "__main__":
 
         # ---- networks ----
         actor = Actor(obs_dim, act_dim, args.hidden_dim, args.init_std, args.residual_dims).to(device)
-        qf1, qf2 = (SoftQNetwork(obs_dim, act_dim, args.hidden_dim, args.layer_norm).to(device) for _ in range(2))
-        qf1_target, qf2_target = (SoftQNetwork(obs_dim, act_dim, args.hidden_dim, args.layer_norm).to(device)
-                                  for _ in range(2))
-        qf1_target.load_state_dict(qf1.state_dict()), qf2_target.load_state_dict(qf2.state_dict())
-        online_params = list(qf1.parameters()) + list(qf2.parameters())
-        target_params = list(qf1_target.parameters()) + list(qf2_target.parameters())  # loaded in place on resume
+        qfs, qfs_target = (nn.ModuleList(SoftQNetwork(obs_dim, act_dim, args.hidden_dim, args.layer_norm)
+                                         for _ in range(args.num_q)).to(device) for _ in range(2))
+        qfs_target.load_state_dict(qfs.state_dict())
+        online_params, target_params = list(qfs.parameters()), list(qfs_target.parameters())  # loaded in place
         q_optimizer = torch.optim.Adam(online_params, lr=args.q_lr, foreach=True)
         actor_params = list(actor.parameters())
         # the averaged actor for evaluation (--eval-ema): it starts at the untrained actor, i.e. at the base
@@ -450,8 +460,11 @@ if __name__ == "__main__":
         global_step, num_updates, update_debt = 0, 0, 0.0
         eval_base_stats = None
         if ckpt:
-            qf1.load_state_dict(ckpt["qf1"]), qf2.load_state_dict(ckpt["qf2"])
-            qf1_target.load_state_dict(ckpt["qf1_target"]), qf2_target.load_state_dict(ckpt["qf2_target"])
+            if "qfs" not in ckpt:  # written before --num-q: two critics under their own names, in the same order
+                for key in ("qfs", "qfs_target"):
+                    ckpt[key] = {f"{i}.{k}": v for i, name in enumerate(("qf1", "qf2"))
+                                 for k, v in ckpt[name + key[3:]].items()}
+            qfs.load_state_dict(ckpt["qfs"]), qfs_target.load_state_dict(ckpt["qfs_target"])
             q_optimizer.load_state_dict(ckpt["q_optimizer"]), actor_optimizer.load_state_dict(ckpt["actor_optimizer"])
             a_optimizer.load_state_dict(ckpt["a_optimizer"])
             with torch.no_grad():
@@ -473,23 +486,28 @@ if __name__ == "__main__":
                 next_x = rl_obs(b["next_obs"], b["next_a_base"])
                 next_res, next_log_pi, _ = actor.get_action(next_x)
                 next_action = common.compose_action(b["next_a_base"], next_res, args.residual_scale)
-                min_q_next = torch.min(qf1_target(next_x, next_action), qf2_target(next_x, next_action))
+                # the min over a random --num-q-target of the critics (all of them by default: clipped double Q);
+                # drawn on the host, so a GPU run does not wait for the device to read the draw back
+                members = (range(args.num_q) if args.num_q_target >= args.num_q else
+                           torch.randperm(args.num_q)[: args.num_q_target].tolist())
+                min_q_next = torch.stack([qfs_target[i](next_x, next_action) for i in members]).min(0).values
                 # Bootstrap unless the episode truly ended (success); time-limit truncations do bootstrap.
                 soft_v_next = min_q_next - alpha * next_log_pi[:, None]
                 target = b["reward"] + (1 - b["terminated"]) * b["discount"] * soft_v_next
             x = rl_obs(b["obs"], b["a_base"])
-            q1, q2 = qf1(x, b["action"]), qf2(x, b["action"])  # the critic scores the executed action
-            qf1_loss, qf2_loss = F.mse_loss(q1, target), F.mse_loss(q2, target)
+            qs = torch.stack([qf(x, b["action"]) for qf in qfs])  # the critics score the executed action
+            qf_losses = torch.stack([F.mse_loss(q, target) for q in qs])
             q_optimizer.zero_grad()
-            (qf1_loss + qf2_loss).backward()
+            qf_losses.sum().backward()
             q_optimizer.step()
-            return torch.stack([q1.mean(), q2.mean(), qf1_loss, qf2_loss]).detach()
+            return torch.stack([qs[0].mean(), qs[1].mean(), qf_losses[0], qf_losses[1], qf_losses.mean()]).detach()
 
         def update_actor(b, alpha, l2):
             x = rl_obs(b["obs"], b["a_base"])
             a_res, log_pi, a_mean = actor.get_action(x)
             action = common.compose_action(b["a_base"], a_res, args.residual_scale)
-            actor_loss = (alpha * log_pi - torch.min(qf1(x, action), qf2(x, action))[:, 0]).mean()
+            min_q = torch.stack([qf(x, action) for qf in qfs]).min(0).values[:, 0]
+            actor_loss = (alpha * log_pi - min_q).mean()
             actor_loss = actor_loss + l2 * a_mean.pow(2).sum(-1).mean()
             actor_optimizer.zero_grad()
             actor_loss.backward(inputs=actor_params)  # no gradients for the critics' weights: ~25% of this update
@@ -569,14 +587,13 @@ if __name__ == "__main__":
             return common.residual_state(obs["state"].to(device), args.task_features), base(obs).to(device)
 
         def save():
-            params = [p for net in (actor, qf1, qf2) for p in net.parameters()]
+            params = [p for net in (actor, qfs) for p in net.parameters()]
             if not torch.isfinite(losses).all() or not all(torch.isfinite(p).all() for p in params):
                 raise FloatingPointError(f"non-finite loss or weights at step {global_step}")
             if args.save_model:
                 common.save_checkpoint(ckpt_path, dict(
                     script="sac_residual.py", base=args.base, args=vars(args), run_name=run_name,
-                    actor=actor.state_dict(), qf1=qf1.state_dict(), qf2=qf2.state_dict(),
-                    qf1_target=qf1_target.state_dict(), qf2_target=qf2_target.state_dict(),
+                    actor=actor.state_dict(), qfs=qfs.state_dict(), qfs_target=qfs_target.state_dict(),
                     q_optimizer=q_optimizer.state_dict(), actor_optimizer=actor_optimizer.state_dict(),
                     a_optimizer=a_optimizer.state_dict(), log_alpha=log_alpha.detach().cpu(),
                     actor_ema=None if actor_ema is None else actor_ema.state_dict(),
@@ -593,7 +610,7 @@ if __name__ == "__main__":
         ep_sums = torch.zeros(5, device=device)  # finished episodes: count, return, len, success_once, success_at_end
         term_sums = torch.zeros(len(common.REWARD_TERMS), device=device)
         norm_sums = torch.zeros(3, device=device)  # |a_base|, |scale * a_res|, fraction of steps with the residual on
-        losses = torch.zeros(6, device=device)
+        losses = torch.zeros(7, device=device)
         loss_count = 0
         t_start, steps_at_start = time.perf_counter(), global_step
         t_rollout = t_update = 0.0
@@ -690,8 +707,8 @@ if __name__ == "__main__":
                         if not all(math.isfinite(v) for v in l):
                             raise FloatingPointError(f"non-finite loss at step {global_step}")
                         logs.update({"losses/qf1_value": l[0], "losses/qf2_value": l[1], "losses/qf1_loss": l[2],
-                                     "losses/qf2_loss": l[3], "losses/qf_loss": (l[2] + l[3]) / 2,
-                                     "losses/actor_loss": l[4], "losses/alpha_loss": l[5],
+                                     "losses/qf2_loss": l[3], "losses/qf_loss": l[4],
+                                     "losses/actor_loss": l[5], "losses/alpha_loss": l[6],
                                      "losses/residual_l2": residual_l2(global_step)})
                     sps = (global_step - steps_at_start) / (time.perf_counter() - t_start)
                     alpha = log_alpha.exp().item()

@@ -94,12 +94,16 @@ class Script:
     def checkpoint(self, tmp_path, exp_name):
         return load_run(tmp_path, exp_name, self.name)
 
-    def resume_pair(self, tmp_path, args, total, half):
-        """Checkpoints of `total` steps in one run and of `half` steps resumed to `total` (same seed and args)."""
+    def resume_pair(self, tmp_path, args, total, half, edit=None):
+        """Checkpoints of `total` steps in one run and of `half` steps resumed to `total` (same seed and args).
+        `edit(ckpt)`, if given, rewrites the half-way checkpoint before it is resumed (e.g. into an older layout)."""
         full = self.train(tmp_path, *args, "--total-timesteps", total, "--exp-name", "full")
         first = self.train(tmp_path, *args, "--total-timesteps", half, "--exp-name", "half")
         assert full.returncode == 0 and first.returncode == 0, (full.stderr + first.stderr)[-3000:]
-        half_dir, _ = self.checkpoint(tmp_path, "half")
+        half_dir, ckpt = self.checkpoint(tmp_path, "half")
+        if edit is not None:
+            edit(ckpt)
+            common.save_checkpoint(str(half_dir / "ckpt.pt"), ckpt)
         resumed = self.train(tmp_path, *args, "--total-timesteps", total, "--checkpoint", half_dir / "ckpt.pt")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         # the resumed run continues in the half run's folder

@@ -26,6 +26,7 @@ ONE_SCRIPT = [
     ("sac_residual.py", ["--residual-l2-final", "-0.1"], "--residual-l2 and --residual-l2-final must be >= 0"),
     ("sac_residual.py", ["--eval-ema", "1"], "--eval-ema must be in [0, 1)"),
     ("sac_residual.py", ["--noise-beta", "-1"], "--noise-beta must be >= 0"),
+    ("sac_residual.py", ["--num-q", "1"], "--num-q must be >= 2"),
     ("sac_residual.py", ["--residual-dims", "0", "7"], "--residual-dims must be distinct action dimensions in [0, 7)"),
     # common.py's checks, as they reach the command line
     ("sac_residual.py", ["--checkpoint", "/no/such/ckpt.pt"], "checkpoint not found"),

@@ -2,12 +2,13 @@
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import Script, assert_same_tensors, interrupt_after, run, scalars
+from conftest import ROOT, Script, assert_same_tensors, interrupt_after, run, scalars
 from test_cli import assert_one_line_error
 
 import common
@@ -64,7 +65,7 @@ def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sac")
     out = train(tmp_path, "--base", "expert", "--total-timesteps", "300", "--eval-freq", "200", "--exp-name", "t",
                 "--residual-l2-final", "0.02", "--residual-l2-decay-steps", "100", "--eval-ema", "0.9",
-                "--residual-dims", "0", "1", "2", "6")
+                "--residual-dims", "0", "1", "2", "6", "--num-q", "3")
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp_path, out
 
@@ -73,10 +74,11 @@ def test_training_writes_checkpoint_and_scalars(trained):
     tmp_path, out = trained
     run_dir, ckpt = checkpoint(tmp_path, "t")
     assert ckpt["global_step"] == 300 and ckpt["base"] == "expert" and ckpt["args"]["total_timesteps"] == 300
+    assert {k.split(".")[0] for k in ckpt["qfs"]} == {"0", "1", "2"}  # --num-q 3
     assert ckpt["num_updates"] == int(0.5 * (300 - 100))  # utd 0.5 after the warm-up, plus the critic warm-up
     assert ckpt["rb"]["ptr"] == 300  # states stored with their task features
     assert ckpt["rb"]["data"]["obs"].shape == (300, common.STATE_DIM + common.TASK_FEATURE_DIM)
-    for key in ("actor", "qf1", "qf2", "qf1_target", "qf2_target", "q_optimizer", "actor_optimizer", "a_optimizer",
+    for key in ("actor", "qfs", "qfs_target", "q_optimizer", "actor_optimizer", "a_optimizer",
                 "log_alpha", "obs_rms", "rng", "eval_base"):
         assert key in ckpt
     assert ckpt["obs_rms"]["count"] > 99  # statistics of the 100 base-only warm-up steps
@@ -127,6 +129,24 @@ def test_resuming_an_older_buffer_layout_is_a_clear_error(trained, tmp_path):
                           f"holds {common.STATE_DIM}-dim states")
 
 
+def test_actor_drift_reads_a_checkpoint(trained, tmp_path):
+    """benchmarks/actor_drift.py on the run's checkpoint (three critics), and on a copy whose actor is reset to output
+    zero: its residual is then nowhere, and the critics score its action exactly as the base's."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    drift = importlib.import_module("actor_drift").drift
+    run_dir, ckpt = checkpoint(trained[0], "t")
+    row = drift(str(run_dir / "ckpt.pt"), 200)
+    assert row["num_q"] == 3 and row["states"] == 200 and row["residual_dims"] == [0, 1, 2, 6]
+    assert 0 < min(row["mean_abs_tanh_mean"]) and max(row["saturated_frac"]) <= 1 and row["td_error_rms"] > 0
+    assert row["min_q_at_actor"] != row["min_q_at_base"] and row["q_range_over_residual_box"] > 0
+    for k in ("mean.weight", "mean.bias"):
+        ckpt["actor"][k].zero_()
+    zero = tmp_path / "zero.pt"
+    common.save_checkpoint(str(zero), ckpt)
+    row = drift(str(zero), 200)
+    assert row["mean_abs_tanh_mean"] == [0.0] * 4 and row["min_q_at_actor"] == row["min_q_at_base"]
+
+
 def test_saved_trajectories_replay_with_maniskill(trained):
     """The data flywheel: successful episodes in ManiSkill's format, replayed by ManiSkill's own tool."""
     import h5py
@@ -152,13 +172,23 @@ def test_saved_trajectories_replay_with_maniskill(trained):
     assert "Replayed 1 episodes, 1/1=100.00% demos saved" in replay.stdout + replay.stderr
 
 
+def as_before_the_critic_ensemble(ckpt):
+    """A checkpoint in the layout written before --num-q: two critics under their own names."""
+    for key in ("qfs", "qfs_target"):
+        members = ckpt.pop(key)
+        for i, name in enumerate(("qf1", "qf2")):
+            ckpt[name + key[3:]] = {k[2:]: v for k, v in members.items() if k.startswith(f"{i}.")}
+    del ckpt["args"]["num_q"], ckpt["args"]["num_q_target"]
+
+
 def test_resume_is_exact(tmp_path):
     """Same seed: N+M steps in one run equal N steps, then M more resumed from the checkpoint (with the averaged
-    actor of --eval-ema, and pink exploration noise: its sequences restart with the envs at the checkpoint)."""
+    actor of --eval-ema, and pink exploration noise: its sequences restart with the envs at the checkpoint). The
+    half-way checkpoint is rewritten in the layout from before --num-q: older checkpoints resume, and exactly."""
     args = ["--base", "coarse", "--eval-freq", "150", "--seed", "3", "--eval-ema", "0.9", "--noise-beta", "1"]
-    (_, a), (_, b) = SAC.resume_pair(tmp_path, args, 300, 150)
+    (_, a), (_, b) = SAC.resume_pair(tmp_path, args, 300, 150, edit=as_before_the_critic_ensemble)
     assert a["global_step"] == b["global_step"] == 300 and a["num_updates"] == b["num_updates"]
-    for net in ("actor", "actor_ema", "qf1", "qf2", "qf1_target"):
+    for net in ("actor", "actor_ema", "qfs", "qfs_target"):
         assert_same_tensors(a[net], b[net], net)
     assert torch.equal(a["rb"]["data"]["reward"], b["rb"]["data"]["reward"])
     assert torch.equal(a["rb"]["data"]["action"], b["rb"]["data"]["action"])
@@ -197,4 +227,4 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                 "--exp-name", "nan")
     assert out.returncode == 1 and "non-finite loss" in out.stderr and "Traceback" not in out.stderr
     _, ckpt = checkpoint(tmp_path, "nan")
-    assert all(torch.isfinite(v).all() for v in ckpt["qf1"].values())
+    assert all(torch.isfinite(v).all() for v in ckpt["qfs"].values())
