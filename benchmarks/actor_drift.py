@@ -8,7 +8,8 @@ action dimension: the mean |tanh(mean)| of the residual (1: at the bound), the f
 min over the ensemble at three actions of the same states: the executed action stored in the buffer (the data), the
 actor's deterministic action, and the base's action (no residual). A critic that overrates the actor's actions puts
 the second far above the first; a critic that still prefers the base at the states the actor now visits puts the
-third above the second. Last, the signal against the noise: the range of the critics' value over the whole residual
+third above the second. The critics' spread (max - min over the ensemble) at the actor's action is what an
+ensemble's pessimism has to work with. Last, the signal against the noise: the range of the critics' value over the whole residual
 box at a state (16 uniform residuals) against the RMS error of the critics on their own training targets.
 """
 
@@ -102,6 +103,8 @@ def drift(path, num_states):
         min_q_at_data=min_q(action).mean().item(), min_q_at_actor=min_q(pi_action).mean().item(),
         min_q_at_base=min_q(a_base).mean().item(),
         q_range_over_residual_box=(q_box.max(0).values - q_box.min(0).values).mean().item(),
+        critics_spread_at_actor=(lambda q: (q.max(0).values - q.min(0).values).mean().item())(
+            torch.stack([qf(x, pi_action) for qf in qfs])),
         td_error_rms=td.pow(2).mean().sqrt().item(),
     )
 
@@ -115,7 +118,8 @@ def main(args: Args):
               f"{[round(v, 2) for v in r['mean_abs_tanh_mean']]}, "
               f"saturated {[round(v, 2) for v in r['saturated_frac']]}"
               f"; min Q at data {r['min_q_at_data']:.2f}, at the actor {r['min_q_at_actor']:.2f}, at the base "
-              f"{r['min_q_at_base']:.2f}; Q range over the residual box {r['q_range_over_residual_box']:.3f}, TD error "
+              f"{r['min_q_at_base']:.2f}; spread of the critics at the actor {r['critics_spread_at_actor']:.3f}; Q range over "
+              f"the residual box {r['q_range_over_residual_box']:.3f}, TD error "
               f"RMS {r['td_error_rms']:.3f}")
     if args.out:
         with open(args.out, "w") as f:

@@ -139,6 +139,7 @@ def test_actor_drift_reads_a_checkpoint(trained, tmp_path):
     assert row["num_q"] == 3 and row["states"] == 200 and row["residual_dims"] == [0, 1, 2, 6]
     assert 0 < min(row["mean_abs_tanh_mean"]) and max(row["saturated_frac"]) <= 1 and row["td_error_rms"] > 0
     assert row["min_q_at_actor"] != row["min_q_at_base"] and row["q_range_over_residual_box"] > 0
+    assert row["critics_spread_at_actor"] > 0
     for k in ("mean.weight", "mean.bias"):
         ckpt["actor"][k].zero_()
     zero = tmp_path / "zero.pt"
