@@ -50,18 +50,30 @@ def drift(path, num_states):
     act_dim = a_base.shape[1]
     obs_rms = common.RunningMeanStd(obs.shape[1])
     obs_rms.load_state_dict(ckpt["obs_rms"])
-    x = obs_rms.normalize(obs)
-    x = torch.cat([x, a_base], -1) if a["residual_sees_base"] else x
+
+    def rl_obs(s, base):
+        s = obs_rms.normalize(s)
+        return torch.cat([s, base], -1) if a["residual_sees_base"] else s
+
+    def load_critics(key):
+        """The critics ("qfs") or their targets ("qfs_target"); checkpoints from before --num-q name two: qf1, qf2."""
+        state = ckpt.get(key) or {f"{i}.{k}": v for i, name in enumerate(("qf1", "qf2"))
+                                  for k, v in ckpt[name + key[3:]].items()}
+        nets = torch.nn.ModuleList(sac.SoftQNetwork(x.shape[1], act_dim, a["hidden_dim"], a["layer_norm"])
+                                   for _ in range(len({k.split(".")[0] for k in state})))
+        nets.load_state_dict(state)
+        return nets
+
+    x = rl_obs(obs, a_base)
     actor = sac.Actor(x.shape[1], act_dim, a["hidden_dim"], a["init_std"], a.get("residual_dims"))
     actor.load_state_dict(ckpt["actor"])
-    critics = ckpt.get("qfs") or {f"{i}.{k}": v for i, name in enumerate(("qf1", "qf2")) for k, v in ckpt[name].items()}
-    num_q = len({k.split(".")[0] for k in critics})
-    qfs = torch.nn.ModuleList(sac.SoftQNetwork(x.shape[1], act_dim, a["hidden_dim"], a["layer_norm"])
-                              for _ in range(num_q))
-    qfs.load_state_dict(critics)
+    qfs, targets = load_critics("qfs"), load_critics("qfs_target")
+    num_q = len(qfs)
     mean, log_std = actor(x)
     res = mean.tanh()
     pi_action = common.compose_action(a_base, actor.expand(res), a["residual_scale"])
+
+    q_pi = torch.stack([qf(x, pi_action) for qf in qfs])  # every critic at the actor's action
 
     def min_q(act, states=x):
         return torch.stack([qf(states, act) for qf in qfs]).min(0).values
@@ -78,19 +90,12 @@ def drift(path, num_states):
     rb.load_state_dict(ckpt["rb"])
     torch.manual_seed(0)
     b = rb.sample(4096, a["n_step"], a["gamma"])
-    targets = torch.nn.ModuleList(sac.SoftQNetwork(x.shape[1], act_dim, a["hidden_dim"], a["layer_norm"])
-                                  for _ in range(num_q))
-    targets.load_state_dict(ckpt.get("qfs_target") or {f"{i}.{k}": v for i, name in enumerate(("qf1", "qf2"))
-                                                       for k, v in ckpt[name + "_target"].items()})
-
-    def rl_obs(s, base):
-        s = obs_rms.normalize(s)
-        return torch.cat([s, base], -1) if a["residual_sees_base"] else s
-
     next_x = rl_obs(b["next_obs"], b["next_a_base"])
     next_res, next_log_pi, _ = actor.get_action(next_x)
-    next_q = torch.stack([qf(next_x, common.compose_action(b["next_a_base"], next_res, a["residual_scale"]))
-                          for qf in targets]).min(0).values
+    next_action = common.compose_action(b["next_a_base"], next_res, a["residual_scale"])
+    m = a.get("num_q_target", 2)  # the min over a random m of the target critics, as in training (all when m >= N)
+    members = range(num_q) if m >= num_q else torch.randperm(num_q)[:m].tolist()
+    next_q = torch.stack([targets[i](next_x, next_action) for i in members]).min(0).values
     soft_v_next = next_q - ckpt["log_alpha"].exp() * next_log_pi[:, None]
     target = b["reward"] + (1 - b["terminated"]) * b["discount"] * soft_v_next
     td = torch.stack([qf(rl_obs(b["obs"], b["a_base"]), b["action"]) for qf in qfs]) - target
@@ -100,11 +105,10 @@ def drift(path, num_states):
         residual_dims=actor.dims.tolist(), residual_l2=a["residual_l2"], num_q=num_q,
         mean_abs_tanh_mean=res.abs().mean(0).tolist(), saturated_frac=(res.abs() > 0.95).float().mean(0).tolist(),
         policy_std=log_std.exp().mean(0).tolist(),
-        min_q_at_data=min_q(action).mean().item(), min_q_at_actor=min_q(pi_action).mean().item(),
+        min_q_at_data=min_q(action).mean().item(), min_q_at_actor=q_pi.min(0).values.mean().item(),
         min_q_at_base=min_q(a_base).mean().item(),
         q_range_over_residual_box=(q_box.max(0).values - q_box.min(0).values).mean().item(),
-        critics_spread_at_actor=(lambda q: (q.max(0).values - q.min(0).values).mean().item())(
-            torch.stack([qf(x, pi_action) for qf in qfs])),
+        critics_spread_at_actor=(q_pi.max(0).values - q_pi.min(0).values).mean().item(),
         td_error_rms=td.pow(2).mean().sqrt().item(),
     )
 
