@@ -108,7 +108,8 @@ class Args:
     """the discount factor (100-step episodes, and success ends the episode)"""
     n_step: int = 5
     """n-step returns for the critic's target (1: plain TD). Success comes a few steps after the lateral correction
-    that causes it; n steps carry it back n times faster, at the price of the behaviour policy's bias"""
+    that causes it; n steps carry it back n times faster, at the price of the behaviour policy's bias. Measured,
+    10 was level with 5 over 100k steps (seed 1, RESULTS.md), so 5 stays"""
     tau: float = 0.01
     """target smoothing coefficient"""
     batch_size: int = 256
