@@ -179,6 +179,15 @@ class Args:
     differ from each other (benchmarks/actor_drift.py), so their min hardly ranks actions. 2 stays (RESULTS.md)"""
     num_q_target: int = 2
     """the random subset of critics whose min is the bootstrap target (REDQ's M; all of them when >= --num-q)"""
+    residual_hold: int = 1
+    """the residual is chosen every this many steps of an episode and held in between: one decision (a macro-action)
+    instead of k. The critics then score decisions only: each transition starts at a decision step, and with
+    --n-step a multiple of this its target bootstraps at a later decision (--residual-hold 5 --n-step 5: the
+    semi-MDP's one-step target over the 5 steps the decision acts). The aim: a decision moves the return k times
+    as much as one step's residual does, against target noise that does not grow with k (benchmarks/actor_drift.py
+    measured the critics' value moving less over the whole residual box than their targets scatter), and its
+    exploration noise is held too. The base still acts at every step; evaluation holds the residual as training
+    does"""
     layer_norm: bool = True
     """whether the critics use LayerNorm (RLPD, DAWN: stabler values at high update ratios)"""
     hidden_dim: int = 256
@@ -279,6 +288,24 @@ def colored_noise(beta, shape, length, device=None, generator=None):
     return torch.fft.irfft(torch.complex(re, im), n=length) / sigma
 
 
+class HeldResidual:
+    """An evaluation residual chosen at every `hold`-th step of each episode and held in between (--residual-hold),
+    for common.evaluate, which calls `reset(mask)` where episodes end."""
+
+    def __init__(self, residual, hold):
+        self.residual, self.hold, self.t, self.held = residual, hold, None, None
+
+    def reset(self, mask):
+        self.t = torch.zeros(len(mask), dtype=torch.long, device=mask.device) if self.t is None else self.t * ~mask
+
+    def __call__(self, obs, a_base):
+        a_res = self.residual(obs, a_base)
+        if self.held is not None:
+            a_res = torch.where((self.t % self.hold == 0).to(a_res.device)[:, None], a_res, self.held)
+        self.held, self.t = a_res, self.t + 1
+        return a_res
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Replay buffer on the training device
 # ------------------------------------------------------------------------------------------------------------------
@@ -288,13 +315,14 @@ class ReplayBuffer:
 
     Rows are added one env step at a time, `num_envs` rows per step, so env i's next step sits `num_envs` rows later:
     `sample(..., n_step)` walks that far to build n-step returns (the size is a multiple of num_envs, so wrapping
-    keeps the pattern)."""
+    keeps the pattern). `phase` is the step's place in its held residual's window (--residual-hold; 0: a decision).
+    """
 
-    FIELDS = ("obs", "a_base", "action", "reward", "next_obs", "next_a_base", "terminated", "done")
+    FIELDS = ("obs", "a_base", "action", "reward", "next_obs", "next_a_base", "terminated", "done", "phase")
 
     def __init__(self, size, state_dim, act_dim, num_envs, device):
         dims = dict(obs=state_dim, a_base=act_dim, action=act_dim, reward=1, next_obs=state_dim,
-                    next_a_base=act_dim, terminated=1, done=1)
+                    next_a_base=act_dim, terminated=1, done=1, phase=1)
         size = max(size // num_envs, 1) * num_envs
         self.data = {k: torch.zeros(size, dims[k], device=device) for k in self.FIELDS}
         self.size, self.num_envs, self.ptr, self.full = size, num_envs, 0, False
@@ -307,14 +335,17 @@ class ReplayBuffer:
         self.full = self.full or self.ptr + n >= self.size
         self.ptr = (self.ptr + n) % self.size
 
-    def sample(self, batch_size, n_step=1, gamma=1.0):
+    def sample(self, batch_size, n_step=1, gamma=1.0, hold=1):
         """A batch of transitions; with n_step > 1 each is an n-step one: `reward` is the discounted sum of up to
         n rewards of the same env, stopping at an episode end or at the newest data, `next_*` and `terminated` are
         those of its last step, and `discount` is gamma ** (steps summed) (uncorrected n-step returns, as in
-        Rainbow and DrQ-v2: fine for a residual that stays near the policy that collected the data)."""
+        Rainbow and DrQ-v2: fine for a residual that stays near the policy that collected the data). With hold > 1
+        every transition starts at a decision (phase 0), each decision drawn in proportion to the steps it held."""
         high = self.size if self.full else self.ptr
         dev = self.data["obs"].device
         idx = torch.randint(0, high, (batch_size,), device=dev)
+        if hold > 1:
+            idx = self.decision_rows(idx, hold)
         b = {k: v[idx] for k, v in self.data.items()}
         b["discount"] = torch.full_like(b["reward"], gamma)
         if n_step > 1:
@@ -330,6 +361,18 @@ class ReplayBuffer:
                 alive = ok * (1.0 - self.data["done"][row])
         return b
 
+    def decision_rows(self, idx, hold):
+        """The row of the decision whose held residual row `idx` executed: `phase` steps back in the same env. Where
+        that row has been overwritten (the oldest rows of a full buffer), the env's next decision instead: the first
+        of the next hold - 1 rows of the env with phase 0 (its window ends there, or its episode did)."""
+        high = self.size if self.full else self.ptr
+        phase = self.data["phase"][idx, 0].long()
+        back = (idx - phase * self.num_envs) % self.size
+        kept = (self.ptr - 1 - idx) % self.size + phase * self.num_envs < high
+        ahead = (idx[:, None] + torch.arange(1, hold, device=idx.device) * self.num_envs) % self.size
+        first = (self.data["phase"][ahead, 0] == 0).float().argmax(1) + 1
+        return torch.where(kept, back, (idx + first * self.num_envs) % self.size)
+
     def state_dict(self):
         """The stored rows in place (a resumed buffer samples the very same transitions) and the write position."""
         high = self.size if self.full else self.ptr
@@ -337,6 +380,8 @@ class ReplayBuffer:
 
     def load_state_dict(self, state):
         n = len(state["data"]["obs"])
+        if "phase" not in state["data"]:  # written before --residual-hold: every step was a decision
+            state = dict(state, data=dict(state["data"], phase=torch.zeros(n, 1)))
         if n == self.size or (n < self.size and not state["full"]):  # same layout
             for k, v in state["data"].items():
                 self.data[k][:n] = v.to(self.data[k].device)
@@ -365,6 +410,8 @@ if __name__ == "__main__":
         if args.num_q < 2 or args.num_q_target < 1:
             raise common.ConfigError(f"--num-q must be >= 2 and --num-q-target >= 1, got {args.num_q} and "
                                      f"{args.num_q_target}")
+        if args.residual_hold < 1:
+            raise common.ConfigError(f"--residual-hold must be >= 1, got {args.residual_hold}")
         if not args.noise_beta >= 0:
             raise common.ConfigError(f"--noise-beta must be >= 0 (0: white noise, 1: pink), got {args.noise_beta}")
         if not 0 <= args.eval_ema < 1:
@@ -380,6 +427,10 @@ if __name__ == "__main__":
                 setattr(args, name, ckpt["args"].get(name))  # residual_dims: None in checkpoints older than it
             args.eval_ema = ckpt["args"].get("eval_ema", 0.0)  # evaluate what the run evaluated; resume exactly
             args.num_q = ckpt["args"].get("num_q", 2)  # the critics in the checkpoint
+            args.residual_hold = ckpt["args"].get("residual_hold", 1)  # how its residual acts
+        if args.n_step % args.residual_hold and not args.evaluate:
+            raise common.ConfigError(f"--n-step must be a multiple of --residual-hold (targets bootstrap at a "
+                                     f"decision), got {args.n_step} and {args.residual_hold}")
         run_name = ckpt["run_name"] if ckpt and not args.evaluate else f"{args.exp_name}__{args.seed}__{int(time.time())}"
 
         # ---- seed, device, envs ----
@@ -436,6 +487,11 @@ if __name__ == "__main__":
                 a_res = policy.expand(policy(rl_obs(res_state, a_base.to(device)))[0].tanh())
             return torch.where(torch.isfinite(a_res), a_res, 0.0).to(a_base.device)
 
+        def eval_residual(policy=None):
+            """deterministic_residual for common.evaluate, held for --residual-hold steps as in training."""
+            residual = lambda obs, a_base: deterministic_residual(obs, a_base, policy)  # noqa: E731
+            return residual if args.residual_hold == 1 else HeldResidual(residual, args.residual_hold)
+
         if ckpt:
             try:
                 actor.load_state_dict(ckpt["actor"])
@@ -448,7 +504,7 @@ if __name__ == "__main__":
 
         if args.evaluate:
             trace = [] if args.save_trajectories else None
-            stats = common.evaluate(eval_envs, eval_base, args.num_eval_episodes, deterministic_residual,
+            stats = common.evaluate(eval_envs, eval_base, args.num_eval_episodes, eval_residual(),
                                     args.residual_scale, seed=args.seed + 10_000, trace=trace)
             eval_envs.close()  # flushes the recordings
             if args.save_trajectories:
@@ -555,14 +611,13 @@ if __name__ == "__main__":
             if eval_base_stats is None:  # the base alone, once: the line the residual must beat
                 eval_base_stats = common.evaluate(eval_envs, eval_base, args.num_eval_episodes,
                                                   seed=args.seed + 10_000)
-            stats = common.evaluate(eval_envs, eval_base, args.num_eval_episodes, deterministic_residual,
+            stats = common.evaluate(eval_envs, eval_base, args.num_eval_episodes, eval_residual(),
                                     args.residual_scale, seed=args.seed + 10_000)
             logger.log({f"eval/{k}": v for k, v in stats.items() if k != "episodes"}, global_step)
             logger.log({f"eval_base/{k}": v for k, v in eval_base_stats.items() if k != "episodes"}, global_step)
             raw = ""
             if actor_ema is not None:  # the actor itself, on the same episodes (evaluate() reseeds the eval envs)
-                raw_stats = common.evaluate(eval_envs, eval_base, args.num_eval_episodes,
-                                            lambda obs, a_base: deterministic_residual(obs, a_base, actor),
+                raw_stats = common.evaluate(eval_envs, eval_base, args.num_eval_episodes, eval_residual(actor),
                                             args.residual_scale, seed=args.seed + 10_000)
                 logger.log({f"eval_raw/{k}": v for k, v in raw_stats.items() if k != "episodes"}, global_step)
                 raw = f" (the actor itself {raw_stats['success_at_end']:.2f})"
@@ -578,10 +633,14 @@ if __name__ == "__main__":
         noise, noise_t = torch.zeros(*noise_shape, noise_len, device=device), torch.zeros(
             args.num_envs, dtype=torch.long, device=device)
         env_rows = torch.arange(args.num_envs, device=device)
+        # --residual-hold: each env's step in its episode and the residual it holds
+        ep_t = torch.zeros(args.num_envs, dtype=torch.long, device=device)
+        a_res_held = torch.zeros(args.num_envs, act_dim, device=device)
 
         def restart_envs():
             """Reset every train env with a seed derived from the step: a checkpoint taken here resumes exactly."""
             nonlocal noise
+            ep_t.zero_()
             if colored:  # from the same seed, not the global RNG, so the resumed run draws the same sequences
                 noise = colored_noise(args.noise_beta, noise_shape, noise_len, device, torch.Generator(
                     device=device).manual_seed(args.seed + global_step))
@@ -607,6 +666,7 @@ if __name__ == "__main__":
                 ))
 
         # ---- training loop ----
+        hold = args.residual_hold  # transitions start at decisions: rb.sample(..., hold)
         res_state, a_base = restart_envs()  # the residual's state: s and its task features
         if ckpt is None:
             run_eval()
@@ -638,6 +698,9 @@ if __name__ == "__main__":
                     if args.progressive_steps > 0:  # Policy Decorator's progressive exploration schedule
                         p = min((global_step - args.learning_starts) / args.progressive_steps, 1.0)
                         a_res = a_res * (torch.rand(args.num_envs, 1, device=device) < p)
+                    if hold > 1:  # a new residual at each env's decision steps, held in between
+                        a_res = torch.where((ep_t % hold == 0)[:, None], a_res, a_res_held)
+                        a_res_held = a_res
                 action = common.compose_action(a_base, a_res, args.residual_scale)
                 norm_sums += torch.stack([a_base.norm(dim=-1).sum(), (args.residual_scale * a_res).norm(dim=-1).sum(),
                                           (a_res != 0).any(-1).float().sum()])
@@ -649,16 +712,18 @@ if __name__ == "__main__":
                 if global_step >= max(args.learning_starts, 1):
                     if num_updates == 0:  # critic warm-up before the actor acts or learns
                         for _ in range(args.critic_warmup_updates):
-                            update_critic(rb.sample(args.batch_size, args.n_step, args.gamma), log_alpha.exp().detach())
+                            update_critic(rb.sample(args.batch_size, args.n_step, args.gamma, hold),
+                                          log_alpha.exp().detach())
                             soft_update()
                     update_debt += args.utd * args.num_envs
                     while update_debt >= 1:
                         update_debt -= 1
                         alpha = log_alpha.exp().detach()
-                        q_stats = update_critic(rb.sample(args.batch_size, args.n_step, args.gamma), alpha)
+                        q_stats = update_critic(rb.sample(args.batch_size, args.n_step, args.gamma, hold), alpha)
                         a_stats = torch.zeros(2, device=device)
                         if num_updates % args.policy_frequency == 0:
-                            a_stats = update_actor(rb.sample(args.batch_size), alpha, residual_l2(global_step))
+                            a_stats = update_actor(rb.sample(args.batch_size, hold=hold), alpha,
+                                                   residual_l2(global_step))
                         if num_updates % args.target_network_frequency == 0:
                             soft_update()
                         num_updates += 1
@@ -684,7 +749,8 @@ if __name__ == "__main__":
                     torch.cat([info["final_obs"]["state"], next_obs["state"]]).to(device), args.task_features).chunk(2)
                 rb.add(obs=res_state, a_base=a_base, action=action, reward=reward.to(device), next_obs=final_res_state,
                        next_a_base=torch.where(done[:, None], a_base, next_a_base), terminated=terminated.to(device),
-                       done=done)
+                       done=done, phase=ep_t % hold)
+                ep_t = torch.where(done, 0, ep_t + 1)
                 res_state, a_base = next_res_state, next_a_base
                 global_step += args.num_envs
 

@@ -10,7 +10,8 @@ actor's deterministic action, and the base's action (no residual). A critic that
 the second far above the first; a critic that still prefers the base at the states the actor now visits puts the
 third above the second. The critics' spread (max - min over the ensemble) at the actor's action is what an
 ensemble's pessimism has to work with. Last, the signal against the noise: the range of the critics' value over the whole residual
-box at a state (16 uniform residuals) against the RMS error of the critics on their own training targets.
+box at a state (16 uniform residuals) against the RMS error of the critics on their own training targets. A run with
+--residual-hold k is measured where its critics are trained: on its decision states, against its decision targets.
 """
 
 import importlib
@@ -45,6 +46,9 @@ def drift(path, num_states):
     a, data = ckpt["args"], ckpt["rb"]["data"]
     n = len(data["obs"])
     order = (torch.arange(n) + ckpt["rb"]["ptr"]) % n if ckpt["rb"]["full"] else torch.arange(n)  # oldest first
+    hold = a.get("residual_hold", 1)  # with --residual-hold the critics score decisions: their states only
+    if hold > 1:
+        order = order[data["phase"][order, 0] == 0]
     idx = order[-num_states:]
     obs, a_base, action = data["obs"][idx], data["a_base"][idx], data["action"][idx]
     act_dim = a_base.shape[1]
@@ -89,7 +93,7 @@ def drift(path, num_states):
     rb = sac.ReplayBuffer(n, obs.shape[1], act_dim, a["num_envs"], "cpu")
     rb.load_state_dict(ckpt["rb"])
     torch.manual_seed(0)
-    b = rb.sample(4096, a["n_step"], a["gamma"])
+    b = rb.sample(4096, a["n_step"], a["gamma"], hold)
     next_x = rl_obs(b["next_obs"], b["next_a_base"])
     next_res, next_log_pi, _ = actor.get_action(next_x)
     next_action = common.compose_action(b["next_a_base"], next_res, a["residual_scale"])
@@ -102,7 +106,7 @@ def drift(path, num_states):
 
     return dict(
         checkpoint=path, run_name=ckpt["run_name"], global_step=ckpt["global_step"], states=len(idx),
-        residual_dims=actor.dims.tolist(), residual_l2=a["residual_l2"], num_q=num_q,
+        residual_dims=actor.dims.tolist(), residual_l2=a["residual_l2"], num_q=num_q, residual_hold=hold,
         mean_abs_tanh_mean=res.abs().mean(0).tolist(), saturated_frac=(res.abs() > 0.95).float().mean(0).tolist(),
         policy_std=log_std.exp().mean(0).tolist(),
         min_q_at_data=min_q(action).mean().item(), min_q_at_actor=q_pi.min(0).values.mean().item(),

@@ -37,7 +37,7 @@ def test_n_step_returns_match_a_plain_loop(n_step, script):
     for t in range(T):
         rb.add(obs=torch.tensor([[t], [t]]), a_base=torch.zeros(E, 1), action=torch.zeros(E, 1), reward=reward[t],
                next_obs=torch.tensor([[t + 1], [t + 101]]), next_a_base=torch.zeros(E, 1),
-               terminated=done[t], done=done[t])
+               terminated=done[t], done=done[t], phase=torch.zeros(E))
     torch.manual_seed(0)
     b = rb.sample(500, n_step, gamma)
     for i in range(500):
@@ -57,6 +57,44 @@ def test_n_step_returns_match_a_plain_loop(n_step, script):
     torch.manual_seed(0)
     again = resumed.sample(500, n_step, gamma)
     assert all(torch.equal(b[k], again[k]) for k in b)  # a restored (full, wrapped) buffer samples the very same
+
+
+def test_held_residual_transitions_start_at_decisions():
+    """--residual-hold 3: two envs whose episodes end at different steps, a buffer of 8 steps that has kept steps
+    4-11 of 12: each row maps to the decision whose residual it executed (its phase steps back), or, where that
+    decision was overwritten, to the env's next decision, against a walk through the steps; sampled 3-step
+    transitions then all start at a decision and sum that decision's 3 rewards."""
+    ReplayBuffer = importlib.import_module("sac_residual").ReplayBuffer
+    E, T, hold, gamma = 2, 12, 3, 0.9
+    rb = ReplayBuffer(16, 1, 1, E, "cpu")
+    ends = [{4, 9}, {6}]  # the last step of each env's episodes
+    phase, t_ep = torch.zeros(T, E, dtype=torch.long), [0] * E
+    for t in range(T):
+        done = torch.tensor([t in ends[e] for e in range(E)])
+        phase[t] = torch.tensor([t_ep[e] % hold for e in range(E)])
+        t_ep = [0 if done[e] else t_ep[e] + 1 for e in range(E)]
+        rb.add(obs=torch.tensor([[t], [t]]), a_base=torch.zeros(E, 1), action=torch.zeros(E, 1),
+               reward=torch.tensor([t + 1.0, 100.0 * (t + 1)]), next_obs=torch.tensor([[t + 1], [t + 1]]),
+               next_a_base=torch.zeros(E, 1), terminated=done, done=done, phase=phase[t])
+    kept = range(T - 8, T)
+
+    def decision(t, e):  # walk back to the window's start; forward to the next decision if it is gone
+        start = t - int(phase[t, e])
+        return start if start in kept else next(u for u in range(t + 1, T) if phase[u, e] == 0)
+
+    rows = torch.tensor([t * E + e for t in kept for e in range(E)]) % 16
+    got = rb.decision_rows(rows, hold)
+    assert got.tolist() == [decision(t, e) * E % 16 + e for t in kept for e in range(E)]
+    assert got.tolist() != rows.tolist()
+    torch.manual_seed(0)
+    b = rb.sample(500, hold, gamma, hold)
+    for i in range(500):
+        t, e = int(b["obs"][i]), int(b["reward"][i] >= 100)
+        assert phase[t, e] == 0 and t in kept
+        k = next(j + 1 for j in range(hold) if t + j + 1 == T or t + j in ends[e] or j + 1 == hold)
+        assert b["reward"][i].item() == pytest.approx(sum(gamma**j * (t + j + 1) * 100**e for j in range(k)))
+
+
 train, checkpoint = SAC.train, SAC.checkpoint
 
 
@@ -65,7 +103,7 @@ def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sac")
     out = train(tmp_path, "--base", "expert", "--total-timesteps", "300", "--eval-freq", "200", "--exp-name", "t",
                 "--residual-l2-final", "0.02", "--residual-l2-decay-steps", "100", "--eval-ema", "0.9",
-                "--residual-dims", "0", "1", "2", "6", "--num-q", "3")
+                "--residual-dims", "0", "1", "2", "6", "--num-q", "3", "--residual-hold", "2", "--n-step", "2")
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp_path, out
 
@@ -85,6 +123,16 @@ def test_training_writes_checkpoint_and_scalars(trained):
     # --residual-dims 0 1 2 6: the actor's heads have those 4 outputs (and --evaluate below reads them from the
     # checkpoint's args: no --residual-dims on its command line)
     assert tuple(ckpt["args"]["residual_dims"]) == (0, 1, 2, 6) and ckpt["actor"]["mean.weight"].shape[0] == 4
+    # --residual-hold 2: the stored phases alternate within each episode, and a phase-1 step executes the residual
+    # of the step before it (where neither action was clipped: there, action - a_base is the residual)
+    rb = ckpt["rb"]["data"]
+    phase, done = rb["phase"][:, 0], rb["done"][:, 0]
+    assert phase[0] == 0 and torch.equal(phase[1:], torch.where(done[:-1] > 0, 0.0, 1.0 - phase[:-1]))
+    res, free = rb["action"] - rb["a_base"], (rb["action"].abs() < 0.999).all(-1)
+    held = (phase[1:] == 1) & free[1:] & free[:-1] & (res[:-1].abs().sum(-1) > 0)
+    assert held.sum() > 20
+    assert torch.allclose(res[1:][held], res[:-1][held], atol=1e-5)
+    assert not torch.allclose(res[1:][phase[1:] == 0], res[:-1][phase[1:] == 0], atol=1e-5)
     tags = scalars(run_dir)
     for key in ("eval/success_at_end", "eval/success_once", "eval/return", "eval_base/success_at_end",
                 "train/success_once", "reward/grasp", "reward/insert", "losses/qf1_loss", "losses/actor_loss",
@@ -125,26 +173,29 @@ def test_resuming_an_older_buffer_layout_is_a_clear_error(trained, tmp_path):
         ckpt["rb"]["data"][key] = ckpt["rb"]["data"][key][:, : common.STATE_DIM]
     old = tmp_path / "old.pt"
     common.save_checkpoint(str(old), ckpt)
-    assert_one_line_error(train(tmp_path, "--base", "expert", "--total-timesteps", "400", "--checkpoint", old),
+    assert_one_line_error(train(tmp_path, "--base", "expert", "--total-timesteps", "400", "--n-step", "2", "--checkpoint", old),
                           f"holds {common.STATE_DIM}-dim states")
 
 
 def test_actor_drift_reads_a_checkpoint(trained, tmp_path):
-    """benchmarks/actor_drift.py on the run's checkpoint (three critics), and on a copy whose actor is reset to output
-    zero: its residual is then nowhere, and the critics score its action exactly as the base's."""
+    """benchmarks/actor_drift.py on the run's checkpoint (three critics, a residual held for 2 steps: measured on its
+    decision states, about half of the 300), and on a copy whose actor is reset to output zero: its residual is then
+    nowhere, and the critics score its action exactly as the base's."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     drift = importlib.import_module("actor_drift").drift
     run_dir, ckpt = checkpoint(trained[0], "t")
-    row = drift(str(run_dir / "ckpt.pt"), 200)
-    assert row["num_q"] == 3 and row["states"] == 200 and row["residual_dims"] == [0, 1, 2, 6]
-    assert 0 < min(row["mean_abs_tanh_mean"]) and max(row["saturated_frac"]) <= 1 and row["td_error_rms"] > 0
+    assert drift(str(run_dir / "ckpt.pt"), 300)["states"] == int((ckpt["rb"]["data"]["phase"] == 0).sum()) < 300
+    row = drift(str(run_dir / "ckpt.pt"), 100)
+    assert row["num_q"] == 3 and row["states"] == 100 and row["residual_dims"] == [0, 1, 2, 6]
+    assert row["residual_hold"] == 2
+    assert 0 < min(row["mean_abs_tanh_mean"]) and row["td_error_rms"] > 0
     assert row["min_q_at_actor"] != row["min_q_at_base"] and row["q_range_over_residual_box"] > 0
     assert row["critics_spread_at_actor"] > 0
     for k in ("mean.weight", "mean.bias"):
         ckpt["actor"][k].zero_()
     zero = tmp_path / "zero.pt"
     common.save_checkpoint(str(zero), ckpt)
-    row = drift(str(zero), 200)
+    row = drift(str(zero), 100)
     assert row["mean_abs_tanh_mean"] == [0.0] * 4 and row["min_q_at_actor"] == row["min_q_at_base"]
 
 
