@@ -190,6 +190,11 @@ class Args:
     does"""
     layer_norm: bool = True
     """whether the critics use LayerNorm (RLPD, DAWN: stabler values at high update ratios)"""
+    critic_sees_residual: bool = False
+    """whether the critics also read the executed residual in its own units, (a - a_base) / --residual-scale, besides
+    the executed action a: within a bound of 0.1 the residual moves the action input by at most 0.1 while the base
+    moves it across [-1, 1], so the critic's first layer sees the decision at a tenth of the scale of everything else
+    (its input is otherwise normalised). Needs --residual-sees-base (a_base is read from the critic's input)"""
     hidden_dim: int = 256
     """width of the actor and critic MLPs"""
 
@@ -217,18 +222,24 @@ def mlp(in_dim, out_dim, hidden, layer_norm):
 
 
 class SoftQNetwork(nn.Module):
-    def __init__(self, obs_dim, act_dim, hidden, layer_norm):
+    """Q(x, a) of the executed action a. With `residual_scale` set (--critic-sees-residual) it also reads the
+    executed residual in its own units, (a - a_base) / scale, a_base being the last act_dim entries of x."""
+
+    def __init__(self, obs_dim, act_dim, hidden, layer_norm, residual_scale=None):
         super().__init__()
-        self.net = mlp(obs_dim + act_dim, 1, hidden, layer_norm)
+        self.act_dim, self.residual_scale = act_dim, residual_scale
+        self.net = mlp(obs_dim + act_dim * (1 if residual_scale is None else 2), 1, hidden, layer_norm)
 
     def forward(self, x, a):
-        return self.net(torch.cat([x, a], -1))
+        if self.residual_scale is None:
+            return self.net(torch.cat([x, a], -1))
+        return self.net(torch.cat([x, a, (a - x[..., -self.act_dim :]) / self.residual_scale], -1))
 
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
 EPISODE_KEYS = ("return", "episode_len", "success_once", "success_at_end")
 ARCH_ARGS = ("env_id", "control_mode", "residual_scale", "residual_sees_base", "task_features",
-             "hidden_dim", "layer_norm", "residual_dims")
+             "hidden_dim", "layer_norm", "residual_dims", "critic_sees_residual")
 
 
 class Actor(nn.Module):
@@ -410,6 +421,8 @@ if __name__ == "__main__":
         if args.num_q < 2 or args.num_q_target < 1:
             raise common.ConfigError(f"--num-q must be >= 2 and --num-q-target >= 1, got {args.num_q} and "
                                      f"{args.num_q_target}")
+        if args.critic_sees_residual and not args.residual_sees_base:
+            raise common.ConfigError("--critic-sees-residual needs --residual-sees-base (the critic reads a_base there)")
         if args.residual_hold < 1:
             raise common.ConfigError(f"--residual-hold must be >= 1, got {args.residual_hold}")
         if not args.noise_beta >= 0:
@@ -425,6 +438,7 @@ if __name__ == "__main__":
         if ckpt:  # the policy is defined by these: take them from the checkpoint, whatever the command line says
             for name in ARCH_ARGS:
                 setattr(args, name, ckpt["args"].get(name))  # residual_dims: None in checkpoints older than it
+            args.critic_sees_residual = bool(args.critic_sees_residual)  # and False for this one
             args.eval_ema = ckpt["args"].get("eval_ema", 0.0)  # evaluate what the run evaluated; resume exactly
             args.num_q = ckpt["args"].get("num_q", 2)  # the critics in the checkpoint
             args.residual_hold = ckpt["args"].get("residual_hold", 1)  # how its residual acts
@@ -459,7 +473,8 @@ if __name__ == "__main__":
 
         # ---- networks ----
         actor = Actor(obs_dim, act_dim, args.hidden_dim, args.init_std, args.residual_dims).to(device)
-        qfs, qfs_target = (nn.ModuleList(SoftQNetwork(obs_dim, act_dim, args.hidden_dim, args.layer_norm)
+        critic_scale = args.residual_scale if args.critic_sees_residual else None
+        qfs, qfs_target = (nn.ModuleList(SoftQNetwork(obs_dim, act_dim, args.hidden_dim, args.layer_norm, critic_scale)
                                          for _ in range(args.num_q)).to(device) for _ in range(2))
         qfs_target.load_state_dict(qfs.state_dict())
         online_params, target_params = list(qfs.parameters()), list(qfs_target.parameters())  # loaded in place

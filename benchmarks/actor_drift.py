@@ -63,7 +63,8 @@ def drift(path, num_states):
         """The critics ("qfs") or their targets ("qfs_target"); checkpoints from before --num-q name two: qf1, qf2."""
         state = ckpt.get(key) or {f"{i}.{k}": v for i, name in enumerate(("qf1", "qf2"))
                                   for k, v in ckpt[name + key[3:]].items()}
-        nets = torch.nn.ModuleList(sac.SoftQNetwork(x.shape[1], act_dim, a["hidden_dim"], a["layer_norm"])
+        scale = a["residual_scale"] if a.get("critic_sees_residual") else None
+        nets = torch.nn.ModuleList(sac.SoftQNetwork(x.shape[1], act_dim, a["hidden_dim"], a["layer_norm"], scale)
                                    for _ in range(len({k.split(".")[0] for k in state})))
         nets.load_state_dict(state)
         return nets
