@@ -187,7 +187,9 @@ class Args:
     as much as one step's residual does, against target noise that does not grow with k (benchmarks/actor_drift.py
     measured the critics' value moving less over the whole residual box than their targets scatter), and its
     exploration noise is held too. The base still acts at every step; evaluation holds the residual as training
-    does"""
+    does. Measured on `coarse`, seed 1: the critics' value range over the residual box did rise above their target
+    error, the actor moved twice as far, and success fell below the base (5: 0.28 at 100k; 10: 0.26 at 50k; base
+    0.38), so it is off (RESULTS.md)"""
     layer_norm: bool = True
     """whether the critics use LayerNorm (RLPD, DAWN: stabler values at high update ratios)"""
     critic_sees_residual: bool = False

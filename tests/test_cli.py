@@ -28,6 +28,7 @@ ONE_SCRIPT = [
     ("sac_residual.py", ["--noise-beta", "-1"], "--noise-beta must be >= 0"),
     ("sac_residual.py", ["--num-q", "1"], "--num-q must be >= 2"),
     ("sac_residual.py", ["--residual-hold", "0"], "--residual-hold must be >= 1"),
+    ("sac_residual.py", ["--critic-sees-residual", "--no-residual-sees-base"], "--critic-sees-residual needs"),
     ("sac_residual.py", ["--residual-hold", "2"], "--n-step must be a multiple of --residual-hold"),
     ("sac_residual.py", ["--residual-dims", "0", "7"], "--residual-dims must be distinct action dimensions in [0, 7)"),
     # common.py's checks, as they reach the command line

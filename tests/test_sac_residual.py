@@ -95,6 +95,20 @@ def test_held_residual_transitions_start_at_decisions():
         assert b["reward"][i].item() == pytest.approx(sum(gamma**j * (t + j + 1) * 100**e for j in range(k)))
 
 
+def test_critic_sees_the_residual_in_its_own_units():
+    """--critic-sees-residual: besides [x, a] the critic's first layer gets (a - a_base) / scale, a_base being the
+    last act_dim entries of x: a residual of 0.05 in action units under a 0.1 bound arrives as 0.5."""
+    SoftQNetwork = importlib.import_module("sac_residual").SoftQNetwork
+    qf = SoftQNetwork(5, 2, 8, True, residual_scale=0.1)
+    seen = []
+    qf.net[0].register_forward_pre_hook(lambda _, inp: seen.append(inp[0]))
+    x = torch.tensor([[1.0, 2.0, 3.0, 0.2, -0.4]])  # s (3), a_base (2)
+    a = torch.tensor([[0.25, -0.45]])
+    assert qf(x, a).shape == (1, 1)
+    torch.testing.assert_close(seen[0], torch.tensor([[1.0, 2.0, 3.0, 0.2, -0.4, 0.25, -0.45, 0.5, -0.5]]))
+    assert SoftQNetwork(5, 2, 8, True).net[0].in_features == 7
+
+
 train, checkpoint = SAC.train, SAC.checkpoint
 
 
@@ -103,7 +117,8 @@ def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sac")
     out = train(tmp_path, "--base", "expert", "--total-timesteps", "300", "--eval-freq", "200", "--exp-name", "t",
                 "--residual-l2-final", "0.02", "--residual-l2-decay-steps", "100", "--eval-ema", "0.9",
-                "--residual-dims", "0", "1", "2", "6", "--num-q", "3", "--residual-hold", "2", "--n-step", "2")
+                "--residual-dims", "0", "1", "2", "6", "--num-q", "3", "--residual-hold", "2", "--n-step", "2",
+                "--critic-sees-residual")
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp_path, out
 
@@ -113,6 +128,9 @@ def test_training_writes_checkpoint_and_scalars(trained):
     run_dir, ckpt = checkpoint(tmp_path, "t")
     assert ckpt["global_step"] == 300 and ckpt["base"] == "expert" and ckpt["args"]["total_timesteps"] == 300
     assert {k.split(".")[0] for k in ckpt["qfs"]} == {"0", "1", "2"}  # --num-q 3
+    # --critic-sees-residual: the critics read [s, task features, a_base], the action and the residual in its units
+    obs_dim = common.STATE_DIM + common.TASK_FEATURE_DIM + 7
+    assert ckpt["qfs"]["0.net.0.weight"].shape[1] == obs_dim + 2 * 7
     assert ckpt["num_updates"] == int(0.5 * (300 - 100))  # utd 0.5 after the warm-up, plus the critic warm-up
     assert ckpt["rb"]["ptr"] == 300  # states stored with their task features
     assert ckpt["rb"]["data"]["obs"].shape == (300, common.STATE_DIM + common.TASK_FEATURE_DIM)
