@@ -652,6 +652,14 @@ class ReplayBuffer:
                 alive = ok * (1.0 - self.data["done"][row])
         return b
 
+    def end_episodes(self):
+        """Mark each env's newest row as an episode end (done, not terminated: it still bootstraps from its own next
+        state). The envs are about to be reset mid-episode (after an evaluation), and no n-step return may run on
+        from the old episode into the new one."""
+        if self.ptr or self.full:
+            rows = (self.ptr - self.num_envs + torch.arange(self.num_envs, device=self.data["done"].device)) % self.size
+            self.data["done"][rows] = 1.0
+
     def state_dict(self):
         high = self.size if self.full else self.ptr
         return dict(ptr=self.ptr, full=self.full, data={k: v[:high].cpu() for k, v in self.data.items()})
@@ -974,6 +982,7 @@ if __name__ == "__main__":
 
         def restart_envs():
             """Reset every train env with a seed derived from the step: a checkpoint taken here resumes exactly."""
+            rb.end_episodes()
             obs = envs.reset(seed=args.seed + global_step, reconfigure=True)
             base.reset(torch.ones(args.num_envs, dtype=torch.bool, device=envs.device), seed=args.seed + global_step)
             clock.reset(torch.ones(args.num_envs, dtype=torch.bool))

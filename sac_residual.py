@@ -386,6 +386,14 @@ class ReplayBuffer:
         first = (self.data["phase"][ahead, 0] == 0).float().argmax(1) + 1
         return torch.where(kept, back, (idx + first * self.num_envs) % self.size)
 
+    def end_episodes(self):
+        """Mark each env's newest row as an episode end (done, not terminated: it still bootstraps from its own next
+        state). The envs are about to be reset mid-episode (after an evaluation), and no n-step return may run on
+        from the old episode into the new one."""
+        if self.ptr or self.full:
+            rows = (self.ptr - self.num_envs + torch.arange(self.num_envs, device=self.data["done"].device)) % self.size
+            self.data["done"][rows] = 1.0
+
     def state_dict(self):
         """The stored rows in place (a resumed buffer samples the very same transitions) and the write position."""
         high = self.size if self.full else self.ptr
@@ -656,6 +664,7 @@ if __name__ == "__main__":
 
         def restart_envs():
             """Reset every train env with a seed derived from the step: a checkpoint taken here resumes exactly."""
+            rb.end_episodes()
             nonlocal noise
             ep_t.zero_()
             if colored:  # from the same seed, not the global RNG, so the resumed run draws the same sequences

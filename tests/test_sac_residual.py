@@ -21,27 +21,31 @@ TINY = ["--num-envs", "1", "--num-eval-envs", "1", "--num-eval-episodes", "1", "
 SAC = Script("sac_residual.py", TINY)
 
 
-@pytest.mark.parametrize("script", ["sac_residual", "mbrl_residual"])
+@pytest.mark.parametrize("script", ["sac_residual", "mbrl_residual", "demo_explore_sac"])
 @pytest.mark.parametrize("n_step", [1, 3])
 def test_n_step_returns_match_a_plain_loop(n_step, script):
-    """Two envs, 5 steps, a buffer of 4 steps (so it wraps), env 0's episode ending at step 1: every sampled
-    transition's return, discount and bootstrap row against a per-env walk through the steps (the real buffers of
-    sac_residual.py and mbrl_residual.py)."""
+    """Two envs, 6 steps, a buffer of 4 steps (so it wraps), env 0's episode ending at step 1 and both envs reset
+    mid-episode after step 3 (an evaluation: `end_episodes`, a truncation): every sampled transition's return,
+    discount and bootstrap row against a per-env walk through the steps (the real buffers of the three scripts)."""
     ReplayBuffer = importlib.import_module(script).ReplayBuffer
 
-    E, T, gamma = 2, 5, 0.9
+    E, T, gamma = 2, 6, 0.9
     rb = ReplayBuffer(8, 1, 1, E, "cpu")
     reward = torch.arange(T * E, dtype=torch.float32).reshape(T, E) + 1
-    done = torch.zeros(T, E, dtype=torch.bool)
-    done[1, 0] = True
+    terminated = torch.zeros(T, E, dtype=torch.bool)
+    terminated[1, 0] = True
+    done = terminated.clone()
+    done[3] = True  # the restart after step 3
     for t in range(T):
         rb.add(obs=torch.tensor([[t], [t]]), a_base=torch.zeros(E, 1), action=torch.zeros(E, 1), reward=reward[t],
                next_obs=torch.tensor([[t + 1], [t + 101]]), next_a_base=torch.zeros(E, 1),
-               terminated=done[t], done=done[t], phase=torch.zeros(E))
+               terminated=terminated[t], done=terminated[t], phase=torch.zeros(E))
+        if t == 3:
+            rb.end_episodes()
     torch.manual_seed(0)
     b = rb.sample(500, n_step, gamma)
     for i in range(500):
-        t, env = int(b["obs"][i]), int(b["next_obs"][i]) // 100  # rows hold steps 1..4 (step 0 was overwritten)
+        t, env = int(b["obs"][i]), int(b["next_obs"][i]) // 100  # rows hold steps 2..5 (0, 1 were overwritten)
         ret, k = 0.0, 0
         while k < n_step and t + k < T:
             ret += gamma**k * reward[t + k, env].item()
@@ -51,7 +55,8 @@ def test_n_step_returns_match_a_plain_loop(n_step, script):
         assert b["reward"][i].item() == pytest.approx(ret)
         assert b["discount"][i].item() == pytest.approx(gamma**k)
         assert int(b["next_obs"][i]) == t + k + 100 * env  # bootstrap from the last step summed
-        assert bool(b["terminated"][i]) == bool(done[t + k - 1, env])
+        assert bool(b["terminated"][i]) == bool(terminated[t + k - 1, env])
+    assert {int(t) for t in b["obs"]} == {2, 3, 4, 5}
     resumed = ReplayBuffer(8, 1, 1, E, "cpu")
     resumed.load_state_dict(rb.state_dict())
     torch.manual_seed(0)
