@@ -196,7 +196,10 @@ class Args:
     """whether the critics also read the executed residual in its own units, (a - a_base) / --residual-scale, besides
     the executed action a: within a bound of 0.1 the residual moves the action input by at most 0.1 while the base
     moves it across [-1, 1], so the critic's first layer sees the decision at a tenth of the scale of everything else
-    (its input is otherwise normalised). Needs --residual-sees-base (a_base is read from the critic's input)"""
+    (its input is otherwise normalised). Needs --residual-sees-base (a_base is read from the critic's input).
+    Measured on `coarse` (seeds 1, 3): the critics' value then varied 4-5x more with the action than their targets
+    scatter, the actor followed it to 0.2 of the bound everywhere, and success fell to 0.18-0.22 (bases 0.38, 0.34),
+    so it is off (RESULTS.md)"""
     hidden_dim: int = 256
     """width of the actor and critic MLPs"""
 
