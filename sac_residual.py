@@ -435,7 +435,8 @@ if __name__ == "__main__":
             raise common.ConfigError(f"--num-q must be >= 2 and --num-q-target >= 1, got {args.num_q} and "
                                      f"{args.num_q_target}")
         if args.critic_sees_residual and not args.residual_sees_base:
-            raise common.ConfigError("--critic-sees-residual needs --residual-sees-base (the critic reads a_base there)")
+            raise common.ConfigError("--critic-sees-residual needs --residual-sees-base (the critics read a_base "
+                                     "there)")
         if args.residual_hold < 1:
             raise common.ConfigError(f"--residual-hold must be >= 1, got {args.residual_hold}")
         if not args.noise_beta >= 0:
@@ -667,8 +668,8 @@ if __name__ == "__main__":
 
         def restart_envs():
             """Reset every train env with a seed derived from the step: a checkpoint taken here resumes exactly."""
-            rb.end_episodes()
             nonlocal noise
+            rb.end_episodes()
             ep_t.zero_()
             if colored:  # from the same seed, not the global RNG, so the resumed run draws the same sequences
                 noise = colored_noise(args.noise_beta, noise_shape, noise_len, device, torch.Generator(

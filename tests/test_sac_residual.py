@@ -196,7 +196,9 @@ def test_resuming_an_older_buffer_layout_is_a_clear_error(trained, tmp_path):
         ckpt["rb"]["data"][key] = ckpt["rb"]["data"][key][:, : common.STATE_DIM]
     old = tmp_path / "old.pt"
     common.save_checkpoint(str(old), ckpt)
-    assert_one_line_error(train(tmp_path, "--base", "expert", "--total-timesteps", "400", "--n-step", "2", "--checkpoint", old),
+    # (--n-step 2: the checkpoint's residual is held for 2 steps, and its targets must bootstrap at a decision)
+    assert_one_line_error(train(tmp_path, "--base", "expert", "--total-timesteps", "400", "--n-step", "2",
+                                "--checkpoint", old),
                           f"holds {common.STATE_DIM}-dim states")
 
 
