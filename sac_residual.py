@@ -189,7 +189,8 @@ class Args:
     exploration noise is held too. The base still acts at every step; evaluation holds the residual as training
     does. Measured on `coarse`, seed 1: the critics' value range over the residual box did rise above their target
     error, the actor moved twice as far, and success fell below the base (5: 0.28 at 100k; 10: 0.26 at 50k; base
-    0.38), so it is off (RESULTS.md)"""
+    0.38); with the pull raised to keep the actor near the base (--residual-l2 0.2), 0.34 at 100k, the base's level
+    (the default: 0.50-0.56). So it is off (RESULTS.md)"""
     layer_norm: bool = True
     """whether the critics use LayerNorm (RLPD, DAWN: stabler values at high update ratios)"""
     critic_sees_residual: bool = False
@@ -198,8 +199,9 @@ class Args:
     moves it across [-1, 1], so the critic's first layer sees the decision at a tenth of the scale of everything else
     (its input is otherwise normalised). Needs --residual-sees-base (a_base is read from the critic's input).
     Measured on `coarse` (seeds 1, 3): the critics' value then varied 4-5x more with the action than their targets
-    scatter, the actor followed it to 0.2 of the bound everywhere, and success fell to 0.18-0.22 (bases 0.38, 0.34),
-    so it is off (RESULTS.md)"""
+    scatter, the actor followed it to 0.2 of the bound everywhere, and success fell to 0.18-0.22 (bases 0.38, 0.34);
+    with --residual-l2 0.5 the actor stayed near the base and success at its level (0.30 at 100k, seed 1; the
+    default: 0.50-0.56). So it is off (RESULTS.md)"""
     hidden_dim: int = 256
     """width of the actor and critic MLPs"""
 
