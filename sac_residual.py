@@ -115,7 +115,7 @@ class Args:
     batch_size: int = 256
     """the batch size of each update"""
     buffer_size: int = 1_000_000
-    """the replay memory size (capped at total_timesteps)"""
+    """the replay memory size, in env steps (transitions)"""
     learning_starts: int = 5_000
     """env steps of base-only rollouts before any update: the critic's warm-up data (DAWN)"""
     critic_warmup_updates: int = 2_000
