@@ -9,9 +9,10 @@ min over the ensemble at three actions of the same states: the executed action s
 actor's deterministic action, and the base's action (no residual). A critic that overrates the actor's actions puts
 the second far above the first; a critic that still prefers the base at the states the actor now visits puts the
 third above the second. The critics' spread (max - min over the ensemble) at the actor's action is what an
-ensemble's pessimism has to work with. Last, the signal against the noise: the range of the critics' value over the whole residual
-box at a state (16 uniform residuals) against the RMS error of the critics on their own training targets. A run with
---residual-hold k is measured where its critics are trained: on its decision states, against its decision targets.
+ensemble's pessimism has to work with. Last, the signal against the noise: the range of the critics' value over the
+whole residual box at a state (16 uniform residuals) against the RMS error of the critics on their own training
+targets. A run with --residual-hold k is measured where its critics are trained: on its decision states, against its
+decision targets.
 """
 
 import importlib
@@ -127,9 +128,9 @@ def main(args: Args):
               f"{[round(v, 2) for v in r['mean_abs_tanh_mean']]}, "
               f"saturated {[round(v, 2) for v in r['saturated_frac']]}"
               f"; min Q at data {r['min_q_at_data']:.2f}, at the actor {r['min_q_at_actor']:.2f}, at the base "
-              f"{r['min_q_at_base']:.2f}; spread of the critics at the actor {r['critics_spread_at_actor']:.3f}; Q range over "
-              f"the residual box {r['q_range_over_residual_box']:.3f}, TD error "
-              f"RMS {r['td_error_rms']:.3f}")
+              f"{r['min_q_at_base']:.2f}; spread of the critics at the actor {r['critics_spread_at_actor']:.3f}; "
+              f"Q range over the residual box {r['q_range_over_residual_box']:.3f}, "
+              f"TD error RMS {r['td_error_rms']:.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(command=" ".join(["python", *sys.argv]), rows=rows), f, indent=1)
