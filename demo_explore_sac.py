@@ -127,6 +127,9 @@ class Args:
     """total env steps (20k on CPU with 2 envs: all three seeds measured were at 0.92-0.94 there; later evaluations
     swing between 0.64 and 0.90 (five runs at 30k, RESULTS.md), whether the BC term fades over 40k steps, 100k or
     never)"""
+    max_episode_steps: Optional[int] = None
+    """episode length of the training and eval envs (None: the task's, 100 steps for PegInsertionSide-v1);
+    shorter only for quick runs and tests: success_at_end is defined at the task's limit"""
 
     # base policy and residual
     base: str = "expert"
@@ -739,7 +742,8 @@ if __name__ == "__main__":
         eval_envs = common.make_env(args.num_eval_envs, args.sim_backend, env_id=args.env_id,
                                     control_mode=args.control_mode, reward=args.reward, eval_mode=True,
                                     seed=args.seed + 10_000, record_dir=args.save_trajectories,
-                                    video_dir=f"runs/{run_name}/videos" if args.capture_video else None)
+                                    video_dir=f"runs/{run_name}/videos" if args.capture_video else None,
+                                    max_episode_steps=args.max_episode_steps)
         act_dim, env_state_dim = eval_envs.action_dim, eval_envs.state_dim
         state_dim = eval_envs.state_dim + (SearchClock.DIM if args.search_features else 0)  # + the clock's columns
         demo_meta, demo_actions, demo_labels = (None, None, None) if args.evaluate else read_demo_file(
@@ -748,7 +752,8 @@ if __name__ == "__main__":
         if not args.evaluate:
             envs = common.make_env(args.num_envs, args.sim_backend, env_id=args.env_id,
                                    control_mode=args.control_mode, reward=args.reward, seed=args.seed,
-                                   ignore_terminations=args.continue_after_success)
+                                   ignore_terminations=args.continue_after_success,
+                                   max_episode_steps=args.max_episode_steps)
         res_dim = ((state_dim if args.full_state else state_dim - env_state_dim)
                    + (common.TASK_FEATURE_DIM if args.task_features else 0)
                    + (SEARCH_FEATURE_DIM if args.search_features else 0))

@@ -76,6 +76,9 @@ class Args:
     """staged (paper section 2.3), normalized_dense (ManiSkill's) or sparse"""
     total_timesteps: int = 100_000
     """total env steps (half of sac_residual.py's: saving samples is the point)"""
+    max_episode_steps: Optional[int] = None
+    """episode length of the training and eval envs (None: the task's, 100 steps for PegInsertionSide-v1);
+    shorter only for quick runs and tests: success_at_end is defined at the task's limit"""
 
     # base policy and residual
     base: str = "coarse"
@@ -460,11 +463,13 @@ if __name__ == "__main__":
         eval_envs = common.make_env(args.num_eval_envs, args.sim_backend, env_id=args.env_id,
                                     control_mode=args.control_mode, reward=args.reward, images=images,
                                     eval_mode=True, seed=args.seed + 10_000, record_dir=args.save_trajectories,
-                                    video_dir=f"runs/{run_name}/videos" if args.capture_video else None)
+                                    video_dir=f"runs/{run_name}/videos" if args.capture_video else None,
+                                    max_episode_steps=args.max_episode_steps)
         envs = None
         if not args.evaluate:
             envs = common.make_env(args.num_envs, args.sim_backend, env_id=args.env_id,
-                                   control_mode=args.control_mode, reward=args.reward, images=images, seed=args.seed)
+                                   control_mode=args.control_mode, reward=args.reward, images=images, seed=args.seed,
+                                   max_episode_steps=args.max_episode_steps)
         act_dim, state_dim = eval_envs.action_dim, eval_envs.state_dim
         res_dim = state_dim + (common.TASK_FEATURE_DIM if args.task_features else 0)
         obs_dim = res_dim + (act_dim if args.residual_sees_base else 0)

@@ -11,7 +11,7 @@ import affordance_ppo as ap
 import common
 
 TINY = ["--num-envs", "1", "--num-eval-envs", "1", "--num-eval-episodes", "1", "--num-steps", "50",
-        "--num-minibatches", "2", "--update-epochs", "2", "--hidden-dim", "32"]
+        "--num-minibatches", "2", "--update-epochs", "2", "--hidden-dim", "32", "--max-episode-steps", "50"]
 AFF = Script("affordance_ppo.py", TINY)
 GRIPPER = {"panda_hand", "panda_hand_tcp", "panda_leftfinger", "panda_rightfinger"}
 
@@ -150,7 +150,7 @@ def test_training_logs_the_affordance_and_the_grasps(runs):
                 "eval_base/grasp_tail_frac", "eval/grasp_tail_dist", "charts/SPS"):
         assert key in tags, key
     assert all(0 < v <= 0.1 for _, v in tags["reward/affordance"])  # coef 0.1 times a fraction in (0, 1]
-    # the coarse base grasps the tail (in its 100-step episodes, on this seed), near the tail's centre
+    # the coarse base grasps the tail (in its 50-step episodes, on this seed), near the tail's centre
     assert tags["eval_base/grasp_rate"][0][1] == 1.0 and tags["eval_base/grasp_tail_frac"][0][1] == 1.0
     assert 0 <= tags["eval_base/grasp_tail_dist"][0][1] < 0.05
 
@@ -164,10 +164,11 @@ def test_resume_is_exact(runs):
 def test_evaluate_checkpoint_prints_json_with_grasps(runs):
     (run_dir, _), _ = runs
     out = run("affordance_ppo.py", "--base", "coarse", "--evaluate", "--checkpoint", run_dir / "ckpt.pt",
-              "--num-eval-envs", "1", "--num-eval-episodes", "1")
+              "--num-eval-envs", "1", "--num-eval-episodes", "1", "--max-episode-steps", "50")
     assert out.returncode == 0, out.stderr[-3000:]
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["eval/episodes"] == 1 and stats["eval/grasp_rate"] in (0.0, 1.0)
+    assert stats["eval/episode_len"] == 50
 
 
 def test_clipseg_provider_end_to_end(tmp_path):
@@ -181,5 +182,7 @@ def test_clipseg_provider_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     tags = scalars(AFF.checkpoint(tmp_path, "clip")[0])
     assert len(tags["reward/affordance"]) == 3 and all(0 < v <= 0.1 for _, v in tags["reward/affordance"])
-    # one 100-step episode ended: the coarse base took the peg by its tail
-    assert tags["train/grasp_rate"] == [(100, 1.0)] and tags["train/grasp_tail_frac"] == [(100, 1.0)]
+    # three 50-step episodes ended (the first at step 50: logged with the rollout of steps 1-50): the coarse base
+    # took the peg by its tail in each
+    assert tags["train/grasp_rate"] == [(50, 1.0), (100, 1.0), (150, 1.0)]
+    assert tags["train/grasp_tail_frac"] == [(50, 1.0), (100, 1.0), (150, 1.0)]

@@ -17,6 +17,7 @@ EVERY_SCRIPT = [
     (["--residual-scale", "-1"], "--residual-scale must be > 0"),
     (["--evaluate"], "--evaluate needs --checkpoint"),
     (["--save-trajectories", "x"], "--save-trajectories needs --evaluate"),
+    (["--max-episode-steps", "0"], "--max-episode-steps must be >= 1"),
 ]
 ONE_SCRIPT = [
     ("ppo_residual.py", ["--noise-repeat", "0"], "--noise-repeat must be >= 1"),
@@ -29,6 +30,7 @@ ONE_SCRIPT = [
     ("sac_residual.py", ["--num-q", "1"], "--num-q must be >= 2"),
     ("sac_residual.py", ["--residual-hold", "0"], "--residual-hold must be >= 1"),
     ("sac_residual.py", ["--critic-sees-residual", "--no-residual-sees-base"], "--critic-sees-residual needs"),
+    ("sac_residual.py", ["--reward-lateral", "1", "--reward", "sparse"], "--reward-lateral must be >= 0 and needs"),
     ("sac_residual.py", ["--residual-hold", "2"], "--n-step must be a multiple of --residual-hold"),
     ("sac_residual.py", ["--residual-dims", "0", "7"], "--residual-dims must be distinct action dimensions in [0, 7)"),
     # common.py's checks, as they reach the command line

@@ -129,13 +129,16 @@ def test_evaluate_checkpoint_prints_json(runs):
 
 
 def test_pi0_base_with_action_chunks(tmp_path, tiny_pi0):
-    """The residual acts every step on top of the cached chunk of a (tiny) VLA."""
+    """The residual acts every step on top of the cached chunk of a (tiny) VLA, across episode ends (20-step
+    episodes: rendered steps are what this test costs)."""
     out = train(tmp_path, "--base", f"pi0:{tiny_pi0}", "--total-timesteps", "50", "--eval-freq", "1000",
-                "--exp-name", "pi0")
+                "--exp-name", "pi0", "--max-episode-steps", "20")
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir, ckpt = checkpoint(tmp_path, "pi0")
     assert ckpt["base"] == f"pi0:{tiny_pi0}" and ckpt["global_step"] == 50
-    assert scalars(run_dir)["residual/base_action_norm"][0][1] > 0  # the VLA's actions reached the residual
+    tags = scalars(run_dir)
+    assert tags["residual/base_action_norm"][0][1] > 0  # the VLA's actions reached the residual
+    assert tags["train/episode_len"][0][1] == 20  # episodes ended (and restarted) during training
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):

@@ -65,17 +65,21 @@ def test_orient_stage_terms():
     assert out["stage"] == pytest.approx(CFG.stage_offsets[1])
 
 
-@pytest.mark.parametrize("depth, lateral", [(0.03, 0.0), (0.03, 0.03), (0.0, 0.0)])
-def test_insert_stage_terms(depth, lateral):
+@pytest.mark.parametrize("depth, lateral, d3", [(0.03, 0.0, 0.0), (0.03, 0.03, 0.0), (0.0, 0.0, 0.0),
+                                                (0.0, 0.004, 10.0), (0.03, 0.03, 10.0)])
+def test_insert_stage_terms(depth, lateral, d3):
     # Peg and hole both along world x; the hole centre sits (L - depth) ahead of the head and `lateral` to the side,
     # so the head is `depth` past the box face (the box spans x in [-L, L] around the hole centre), and
-    # hypot(depth, lateral) from the hole's entrance, the p_hole of R_insert.
+    # hypot(depth, lateral) from the hole's entrance, the p_hole of R_insert. d3 (0: the paper's formula) charges the
+    # lateral offset itself, clipped at lateral_clip (0.02 < 0.03).
+    cfg = common.StagedRewardConfig(d3=d3)
     head = np.array([L, 0.0, R])
     hole = head + np.array([L - depth, lateral, 0.0])
     out = terms([-0.05, 0, R, 1, 0, 0, 0], [0, 0, R, 1, 0, 0, 0], [L, R, R], [*hole, 1, 0, 0, 0], R + 0.003, 2 * R,
-                True, False)
+                True, False, cfg)
     in_bore = lateral <= R + 0.003
-    expected = -CFG.d1 * math.hypot(depth, lateral) + CFG.d2 * depth * in_bore
+    expected = (-CFG.d1 * math.hypot(depth, lateral) + CFG.d2 * depth * in_bore
+                - d3 * min(lateral, cfg.lateral_clip))
     assert out["insert"] == pytest.approx(expected, abs=1e-6)
     assert out["stage"] == pytest.approx(CFG.stage_offsets[2])
 
