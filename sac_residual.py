@@ -468,6 +468,7 @@ if __name__ == "__main__":
             args.eval_ema = ckpt["args"].get("eval_ema", 0.0)  # evaluate what the run evaluated; resume exactly
             args.num_q = ckpt["args"].get("num_q", 2)  # the critics in the checkpoint
             args.residual_hold = ckpt["args"].get("residual_hold", 1)  # how its residual acts
+            args.reward_lateral = ckpt["args"].get("reward_lateral", 0.0)  # the task it learned
         if args.n_step % args.residual_hold and not args.evaluate:
             raise common.ConfigError(f"--n-step must be a multiple of --residual-hold (targets bootstrap at a "
                                      f"decision), got {args.n_step} and {args.residual_hold}")

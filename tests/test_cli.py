@@ -31,6 +31,8 @@ ONE_SCRIPT = [
     ("sac_residual.py", ["--residual-hold", "0"], "--residual-hold must be >= 1"),
     ("sac_residual.py", ["--critic-sees-residual", "--no-residual-sees-base"], "--critic-sees-residual needs"),
     ("sac_residual.py", ["--reward-lateral", "1", "--reward", "sparse"], "--reward-lateral must be >= 0 and needs"),
+    ("ppo_residual.py", ["--reward-lateral", "-1"], "--reward-lateral must be >= 0 and needs"),
+    ("mbrl_residual.py", ["--reward-lateral", "1", "--reward", "normalized_dense"], "--reward-lateral must be >= 0"),
     ("sac_residual.py", ["--residual-hold", "2"], "--n-step must be a multiple of --residual-hold"),
     ("sac_residual.py", ["--residual-dims", "0", "7"], "--residual-dims must be distinct action dimensions in [0, 7)"),
     # common.py's checks, as they reach the command line

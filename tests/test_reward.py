@@ -96,6 +96,8 @@ def test_stages_are_monotone_with_default_offsets():
     best_grasp, worst_orient = c1 + CFG.b1, c2 - CFG.g1 * math.pi
     worst_insert = c3 - CFG.d1 * 0.6  # a held, aligned peg's head is well within 0.6 m of the hole
     assert best_grasp < worst_orient < c2 < worst_insert
+    lateral = common.StagedRewardConfig(d3=10.0)  # --reward-lateral 10: within 0.4 m, insert still beats orient
+    assert c2 < c3 - lateral.d1 * 0.4 - lateral.d3 * lateral.lateral_clip
     deepest = 0.125 - 0.015  # deeper than this is a success (head past the box's middle)
     assert c3 + (CFG.d2 - CFG.d1) * deepest < 0 < CFG.r_success
 

@@ -123,7 +123,7 @@ def trained(tmp_path_factory):
     out = train(tmp_path, "--base", "expert", "--total-timesteps", "300", "--eval-freq", "200", "--exp-name", "t",
                 "--residual-l2-final", "0.02", "--residual-l2-decay-steps", "100", "--eval-ema", "0.9",
                 "--residual-dims", "0", "1", "2", "6", "--num-q", "3", "--residual-hold", "2", "--n-step", "2",
-                "--critic-sees-residual")
+                "--critic-sees-residual", "--reward-lateral", "10")
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp_path, out
 
@@ -182,7 +182,8 @@ def test_evaluate_checkpoint_prints_json(trained):
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["eval/episodes"] == 1 and 0 <= stats["eval/success_at_end"] <= 1
     # the run was trained with --eval-ema: --evaluate runs the averaged actor, as the run's own evaluations did (same
-    # seed and eval envs, so the same episode), not the actor itself
+    # seed and eval envs, so the same episode), not the actor itself; and with --reward-lateral 10, which --evaluate
+    # also takes from the checkpoint (its return would differ by the lateral term otherwise)
     tags = scalars(run_dir)
     assert stats["eval/return"] == pytest.approx(tags["eval/return"][-1][1], abs=1e-3)
     assert stats["eval/return"] != pytest.approx(tags["eval_raw/return"][-1][1], abs=1e-3)
