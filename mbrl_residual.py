@@ -75,9 +75,9 @@ class Args:
     reward: str = "staged"
     """staged (paper section 2.3), normalized_dense (ManiSkill's) or sparse"""
     reward_lateral: float = 0.0
-    """with the staged reward: weight of a term for the peg head's lateral distance from the hole axis while
-    inserting (per metre, clipped at 2 cm; common.StagedRewardConfig.d3). 0 is the paper's reward, where 4 mm of aim
-    error costs 0.004 per step"""
+    """with the staged reward (ignored by the others): weight of a term for the peg head's lateral distance from the
+    hole axis while inserting (per metre, clipped at 2 cm; common.StagedRewardConfig.d3). 0 is the paper's reward, where
+    4 mm of aim error costs 0.004 per step"""
     total_timesteps: int = 100_000
     """total env steps (half of sac_residual.py's: saving samples is the point)"""
     max_episode_steps: Optional[int] = None
@@ -446,9 +446,8 @@ if __name__ == "__main__":
             raise common.ConfigError(f"--real-ratio must be in (0, 1], got {args.real_ratio}")
         if not 0 < args.disagreement_quantile <= 1:
             raise common.ConfigError(f"--disagreement-quantile must be in (0, 1], got {args.disagreement_quantile}")
-        if not args.reward_lateral >= 0 or (args.reward_lateral and args.reward != "staged"):
-            raise common.ConfigError(f"--reward-lateral must be >= 0 and needs --reward staged, got "
-                                     f"{args.reward_lateral} with --reward {args.reward}")
+        if not args.reward_lateral >= 0:
+            raise common.ConfigError(f"--reward-lateral must be >= 0, got {args.reward_lateral}")
         if args.save_trajectories and not args.evaluate:
             raise common.ConfigError("--save-trajectories needs --evaluate --checkpoint C")
         if args.evaluate and not args.checkpoint:

@@ -30,9 +30,9 @@ ONE_SCRIPT = [
     ("sac_residual.py", ["--num-q", "1"], "--num-q must be >= 2"),
     ("sac_residual.py", ["--residual-hold", "0"], "--residual-hold must be >= 1"),
     ("sac_residual.py", ["--critic-sees-residual", "--no-residual-sees-base"], "--critic-sees-residual needs"),
-    ("sac_residual.py", ["--reward-lateral", "1", "--reward", "sparse"], "--reward-lateral must be >= 0 and needs"),
-    ("ppo_residual.py", ["--reward-lateral", "-1"], "--reward-lateral must be >= 0 and needs"),
-    ("mbrl_residual.py", ["--reward-lateral", "1", "--reward", "normalized_dense"], "--reward-lateral must be >= 0"),
+    ("sac_residual.py", ["--reward-lateral", "-1"], "--reward-lateral must be >= 0, got -1.0"),
+    ("ppo_residual.py", ["--reward-lateral", "-1"], "--reward-lateral must be >= 0, got -1.0"),
+    ("mbrl_residual.py", ["--reward-lateral", "-0.5"], "--reward-lateral must be >= 0, got -0.5"),
     ("sac_residual.py", ["--residual-hold", "2"], "--n-step must be a multiple of --residual-hold"),
     ("sac_residual.py", ["--residual-dims", "0", "7"], "--residual-dims must be distinct action dimensions in [0, 7)"),
     # common.py's checks, as they reach the command line
