@@ -406,7 +406,6 @@ class VecEnv:
                                            ignore_terminations=ignore_terminations)
             self.device = self.envs.device
             self.single_observation_space = env.single_observation_space
-            self.max_episode_steps = (env_kwargs or {}).get("max_episode_steps") or env.unwrapped.max_episode_steps
         else:
             fns = [
                 functools.partial(_cpu_worker, ignore_terminations, info_keys, dict(make_kwargs, num_envs=1), i)
@@ -421,7 +420,7 @@ class VecEnv:
             )
             self.device = torch.device("cpu")
             self.single_observation_space = self.envs.single_observation_space
-            self.max_episode_steps = (env_kwargs or {}).get("max_episode_steps") or gym.spec(env_id).max_episode_steps
+        self.max_episode_steps = (env_kwargs or {}).get("max_episode_steps") or gym.spec(env_id).max_episode_steps
         self.single_action_space = self.envs.single_action_space
         self.action_dim = self.single_action_space.shape[0]
         self.state_dim = self.single_observation_space["state"].shape[0]

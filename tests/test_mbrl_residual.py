@@ -3,6 +3,7 @@ subprocess with a tiny budget (train, evaluate, resume exactly)."""
 
 import json
 
+import pytest
 import torch
 from conftest import Script, assert_same_tensors, run, scalars
 from test_cli import assert_one_line_error
@@ -77,8 +78,8 @@ def test_imagined_rollouts_stop_at_termination_and_disagreement():
 
 
 def test_train_evaluate_and_resume_exactly(tmp_path):
-    (run_dir, ckpt), (_, b) = MBRL.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "150", "--seed", "3"],
-                                               300, 150)
+    (run_dir, ckpt), (_, b) = MBRL.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "150", "--seed", "3",
+                                                          "--reward-lateral", "10"], 300, 150)
     for key in ("model", "model_optimizer", "model_rb", "rb", "actor", "qf1", "obs_rms", "rng", "next_model_train"):
         assert key in ckpt
     assert ckpt["model_rb"]["ptr"] > 0  # imagined transitions were made
@@ -95,8 +96,11 @@ def test_train_evaluate_and_resume_exactly(tmp_path):
         assert_same_tensors(ckpt[net], b[net], net)
     assert torch.equal(ckpt["model_rb"]["data"]["next_obs"], b["model_rb"]["data"]["next_obs"])
     out = run("mbrl_residual.py", "--base", "coarse", "--evaluate", "--checkpoint", run_dir / "ckpt.pt",
-              "--num-eval-envs", "1", "--num-eval-episodes", "1")
-    assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1])["eval/episodes"] == 1
+              "--num-eval-envs", "1", "--num-eval-episodes", "1", "--seed", "3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    # the run's last evaluation again (same seed and eval envs), with --reward-lateral 10 from the checkpoint
+    assert stats["eval/episodes"] == 1 and stats["eval/return"] == pytest.approx(tags["eval/return"][-1][1], abs=1e-3)
     # a checkpoint of the previous version (its replay buffer has no episode-end field for n-step returns) evaluates
     # (above) but cannot resume training: one line that says why
     del ckpt["rb"]["data"]["done"]

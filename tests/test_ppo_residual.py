@@ -59,10 +59,10 @@ def runs(tmp_path_factory):
     """Checkpoints of 300 steps in one run, and of 150 steps resumed to 300 (same seed), with exploration noise
     held for 30 steps (--noise-repeat). The checkpoint falls mid-episode (episodes last 100 steps), where the held
     noise's age must restart with the envs, so exact resume covers the held noise too. The residual acts on the
-    translation only (--residual-dims 0 1 2)."""
+    translation only (--residual-dims 0 1 2), and the staged reward has the lateral term (--reward-lateral 10)."""
     tmp_path = tmp_path_factory.mktemp("ppo")
     return PPO.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "150", "--seed", "3", "--noise-repeat", "30",
-                                      "--residual-dims", "0", "1", "2"], 300, 150)
+                                      "--residual-dims", "0", "1", "2", "--reward-lateral", "10"], 300, 150)
 
 
 def test_training_writes_checkpoint_and_scalars(runs):
@@ -122,10 +122,13 @@ def test_resume_is_exact(runs):
 def test_evaluate_checkpoint_prints_json(runs):
     (run_dir, _), _ = runs
     out = run("ppo_residual.py", "--base", "coarse", "--evaluate", "--checkpoint", run_dir / "ckpt.pt",
-              "--num-eval-envs", "1", "--num-eval-episodes", "1")
+              "--num-eval-envs", "1", "--num-eval-episodes", "1", "--seed", "3")
     assert out.returncode == 0, out.stderr[-3000:]
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["eval/episodes"] == 1 and 0 <= stats["eval/success_at_end"] <= 1
+    # the same episode as the run's last evaluation (same seed and eval envs), on the task it learned: --evaluate
+    # takes --reward-lateral 10 from the checkpoint (the return would differ by the lateral term otherwise)
+    assert stats["eval/return"] == pytest.approx(scalars(run_dir)["eval/return"][-1][1], abs=1e-3)
 
 
 def test_pi0_base_with_action_chunks(tmp_path, tiny_pi0):
