@@ -77,7 +77,9 @@ def test_resume_is_exact_with_ibrl_and_the_averaged_actor(bc_alone, tmp_path):
     same demonstrations, same seed), the RL one moves away from it, and the share of steps that took BC's action is
     logged. --eval-ema: the averaged actor trails the actor, and it is the one evaluations and --evaluate run."""
     bc_dir = bc_alone[0]
-    args = ["--demos", bc_dir / "demos" / f"spiral_{HIDDEN}_dart0.05.h5", "--num-demos", "1", "--eval-freq", "150"]
+    # 60-step episodes (evaluations are most of this test's env steps): the checkpoint at 150 still falls mid-episode
+    args = ["--demos", bc_dir / "demos" / f"spiral_{HIDDEN}_dart0.05.h5", "--num-demos", "1", "--eval-freq", "150",
+            "--max-episode-steps", "60"]
     (full_dir, a), (_, b) = DEMO.resume_pair(tmp_path, [*args, "--ibrl", "--eval-ema", "0.9"], 300, 150)
     assert a["global_step"] == b["global_step"] == 300 and a["num_updates"] == b["num_updates"]
     for net in ("actor", "bc_actor", "actor_ema", "qf1", "qf2", "qf1_target"):
@@ -99,7 +101,7 @@ def test_resume_is_exact_with_ibrl_and_the_averaged_actor(bc_alone, tmp_path):
     raw["actor"]["mean.bias"] = torch.full_like(raw["actor"]["mean.bias"], 100.0)  # tanh: +1 on every dimension
     torch.save(raw, tmp_path / "raw_actor_saturated.pt")
     out = run("demo_explore_sac.py", "--evaluate", "--checkpoint", tmp_path / "raw_actor_saturated.pt",
-              "--num-eval-envs", "1", "--num-eval-episodes", "1")
+              "--num-eval-envs", "1", "--num-eval-episodes", "1", "--max-episode-steps", "60")
     assert out.returncode == 0, out.stderr[-3000:]
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert tags["eval/return"][-1][0] == 300
