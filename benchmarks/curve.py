@@ -93,7 +93,10 @@ def main(args: Args, extra: list[str]):
             if not args.collect_only:
                 print("running:", " ".join(cmd[1:]), flush=True)
                 subprocess.run(cmd, cwd=args.workdir, check=True)
-            run_dir = sorted(glob.glob(os.path.join(args.workdir, "runs", name + "__*")))[-1]
+            found = sorted(glob.glob(os.path.join(args.workdir, "runs", name + "__*")))
+            if not found:
+                raise SystemExit(f"error: no run {name}__* under {os.path.join(args.workdir, 'runs')}")
+            run_dir = found[-1]
             sps = read_scalars(run_dir, "charts/SPS")
             ratio = read_scalars(run_dir, "charts/SPS_over_env_SPS")
             results = merge(out + ".json", dict(
