@@ -79,7 +79,7 @@ def test_imagined_rollouts_stop_at_termination_and_disagreement():
 
 def test_train_evaluate_and_resume_exactly(tmp_path):
     (run_dir, ckpt), (_, b) = MBRL.resume_pair(tmp_path, ["--base", "coarse", "--eval-freq", "150", "--seed", "3",
-                                                          "--reward-lateral", "10"], 300, 150)
+                                                          "--reward-lateral", "5"], 300, 150)
     for key in ("model", "model_optimizer", "model_rb", "rb", "actor", "qf1", "obs_rms", "rng", "next_model_train"):
         assert key in ckpt
     assert ckpt["model_rb"]["ptr"] > 0  # imagined transitions were made
@@ -99,7 +99,8 @@ def test_train_evaluate_and_resume_exactly(tmp_path):
               "--num-eval-envs", "1", "--num-eval-episodes", "1", "--seed", "3")
     assert out.returncode == 0, out.stderr[-3000:]
     stats = json.loads(out.stdout.strip().splitlines()[-1])
-    # the run's last evaluation again (same seed and eval envs), with --reward-lateral 10 from the checkpoint
+    # the run's last evaluation again (same seed and eval envs), with --reward-lateral 5 from the checkpoint (not the
+    # default 10)
     assert stats["eval/episodes"] == 1 and stats["eval/return"] == pytest.approx(tags["eval/return"][-1][1], abs=1e-3)
     # a checkpoint of the previous version (its replay buffer has no episode-end field for n-step returns) evaluates
     # (above) but cannot resume training: one line that says why
