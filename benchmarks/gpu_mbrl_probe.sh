@@ -27,8 +27,10 @@ mkdir -p "$OUT" "$WORK" && cd "$WORK" || exit 1
 learner_flags() { if [ "$1" = cuda ]; then echo "--cuda"; else echo "--no-cuda --threads 1"; fi; }
 for job in "$@"; do
   read -r tag seed learner extra <<<"$job"
+  # -k 60: a background job of a script starts with SIGINT ignored, so a Ctrl-C that lands before the run installs
+  # its handler (env start-up, first evaluation) is lost; then kill it a minute later
   # shellcheck disable=SC2086,SC2046  # flag lists
-  timeout -s INT "$LIMIT" python3 "$ROOT/mbrl_residual.py" --exp-name "gpumbrl_${tag}_residual_coarse_s$seed" \
+  timeout -s INT -k 60 "$LIMIT" python3 "$ROOT/mbrl_residual.py" --exp-name "gpumbrl_${tag}_residual_coarse_s$seed" \
     --seed "$seed" --base coarse --total-timesteps 100000 --eval-freq "$FREQ" --num-eval-episodes "$EPIS" \
     --num-envs "$N" --num-eval-envs "$EVAL_ENVS" --sim-backend physx_cpu $(learner_flags "$learner") $extra \
     >"$OUT/${tag}_s$seed.log" 2>&1 &

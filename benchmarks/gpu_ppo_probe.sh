@@ -26,8 +26,10 @@ for job in "$@"; do
   log="$OUT/${tag}_s$seed.log"
   steps=(--num-steps "${NUM_STEPS:-200}")
   [ -n "${NAMED:-}" ] && log="$OUT/$tag.log" && steps=()  # these jobs name their own --num-steps
+  # -k 60: a background job of a script starts with SIGINT ignored, so a Ctrl-C that lands before the run installs
+  # its handler (env start-up, first evaluation) is lost; then kill it a minute later
   # shellcheck disable=SC2086  # a flag list
-  timeout -s INT "$LIMIT" python3 "$ROOT/ppo_residual.py" "${C[@]}" "${steps[@]}" --seed "$seed" \
+  timeout -s INT -k 60 "$LIMIT" python3 "$ROOT/ppo_residual.py" "${C[@]}" "${steps[@]}" --seed "$seed" \
     --exp-name "gpu_ppo_${tag}_s$seed" $extra >"$log" 2>&1 &
 done
 wait

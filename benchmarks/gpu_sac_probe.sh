@@ -26,8 +26,10 @@ WORK=${WORK:-$OUT/w}
 mkdir -p "$OUT" "$WORK" && cd "$WORK" || exit 1
 for job in "$@"; do
   read -r tag seed extra <<<"$job"
+  # -k 60: a background job of a script starts with SIGINT ignored, so a Ctrl-C that lands before the run installs
+  # its handler (env start-up, first evaluation) is lost; then kill it a minute later
   # shellcheck disable=SC2086  # EXTRA is a list of flags
-  timeout -s INT "$LIMIT" python3 "$ROOT/sac_residual.py" --exp-name "gpuprobe_${tag}_residual_coarse_s$seed" \
+  timeout -s INT -k 60 "$LIMIT" python3 "$ROOT/sac_residual.py" --exp-name "gpuprobe_${tag}_residual_coarse_s$seed" \
     --seed "$seed" --base coarse --total-timesteps 200000 --eval-freq "$FREQ" --num-eval-episodes "$EPIS" \
     --num-envs "$N" --num-eval-envs "$EVAL_ENVS" --sim-backend physx_cpu --no-cuda $extra \
     >"$OUT/${tag}_s$seed.log" 2>&1 &
