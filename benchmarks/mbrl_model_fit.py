@@ -9,9 +9,15 @@ own loss and batch, measuring after each budget of gradient steps (cumulative):
 - disagreement_error_corr: the Spearman rank correlation, over held-out transitions, between the members' disagreement
   (mbrl_residual.imagine's measure) and the mean's actual next-state error; _reward: the same for the reward error,
 - err_low_half / err_high_half: the mean next-state error of the half with the lower / higher disagreement (a cut that
-  keeps the lower half helps only if the first is clearly smaller).
+  keeps the lower half helps only if the first is clearly smaller),
+- val_reward_mae_geometric: the error of the staged reward computed by common.staged_reward_terms from the ensemble
+  mean's *predicted* next state, given the true grasp contact and success of that transition (what the simulator
+  knows and the state does not): how well a reward the model need not learn would do, against val_reward_mae;
+  _true_state: the same formula on the true next state (a check: about 0); _carried_flags: with the contact and
+  success of the transition's *start* state instead, as an imagined step branched from a real state would know them.
 
     python benchmarks/mbrl_model_fit.py --steps 20000 --budgets 200 1000 3000
+    python benchmarks/mbrl_model_fit.py --reward-lateral 10 --out benchmarks/results/mbrl_model_fit_lateral10.json
 """
 
 import json
@@ -42,6 +48,8 @@ class Args:
     residual_std: float = 0.2
     """the random residual's pre-tanh std (mbrl_residual.py's --init-std), scaled by --residual-scale"""
     residual_scale: float = 0.1
+    reward_lateral: float = 0.0
+    """the staged reward's lateral term (mbrl_residual.py's --reward-lateral; its default is 10)"""
     ensemble_size: int = 5
     model_hidden_dim: int = 200
     model_lr: float = 1e-3
@@ -59,7 +67,8 @@ def spearman(a, b):
 def main(args):
     common.seed_everything(args.seed, True)
     torch.set_num_threads(1)
-    envs = common.make_env(args.num_envs, "physx_cpu", seed=args.seed)
+    reward_cfg = common.StagedRewardConfig(d3=args.reward_lateral)
+    envs = common.make_env(args.num_envs, "physx_cpu", seed=args.seed, reward_cfg=reward_cfg)
     base = common.make_base_policy("coarse", envs, seed=args.seed)
     state_dim, act_dim = envs.state_dim, envs.action_dim
     rb = ReplayBuffer(args.steps, state_dim, act_dim, args.num_envs, "cpu")
@@ -67,6 +76,8 @@ def main(args):
     obs = envs.reset(seed=args.seed)
     a_base = base(obs)
     successes = episodes = 0
+    contact, success = [], []  # of each transition's next state, in the buffer's row order
+    grasp_stage = torch.tensor(reward_cfg.stage_offsets[0])
     for _ in range(args.steps // args.num_envs):
         a_res = torch.tanh(args.residual_std * torch.randn(args.num_envs, act_dim))
         action = common.compose_action(a_base, a_res, args.residual_scale)
@@ -76,6 +87,8 @@ def main(args):
         next_a_base = base(next_obs)
         rb.add(obs=obs["state"], a_base=a_base, action=action, reward=reward, next_obs=info["final_obs"]["state"],
                next_a_base=torch.where(done[:, None], a_base, next_a_base), terminated=terminated, done=done)
+        contact.append(~info["success"] & ((info["reward/stage"] - grasp_stage).abs() > 1e-6))  # past stage 1
+        success.append(info["success"])
         successes += int((info["episode"]["success_at_end"] * done).sum())
         episodes += int(done.sum())
         obs, a_base = next_obs, next_a_base
@@ -85,6 +98,14 @@ def main(args):
     n_train = n - args.holdout
     train = {k: v[:n_train] for k, v in rb.data.items()}
     val = {k: v[n_train:n] for k, v in rb.data.items()}
+    contact, success = torch.cat(contact)[:n], torch.cat(success)[:n]
+    # the start state's flags: the same env's previous transition's, none at an episode's first step
+    started = ~rb.data["done"][:n, 0].bool().roll(args.num_envs)
+    prev_contact, prev_success = (x.roll(args.num_envs) & started for x in (contact, success))
+    flags = dict(next=(contact[n_train:], success[n_train:]), start=(prev_contact[n_train:], prev_success[n_train:]))
+
+    def geometric_reward(next_state, which="next"):
+        return sum(common.staged_reward_terms(next_state, *flags[which], reward_cfg).values())
 
     model = DynamicsEnsemble(args.ensemble_size, state_dim + 2 * act_dim, state_dim + act_dim + 1,
                              args.model_hidden_dim)
@@ -110,10 +131,15 @@ def main(args):
             disagreement = (mean[..., :state_dim] / model.x_std[:state_dim]).std(0).mean(-1)
             err = (((mean.mean(0) - y)[:, :state_dim] / model.y_std[:state_dim]) ** 2).mean(-1)
             reward_err = (mean.mean(0) - y)[:, -1].abs()
+            next_state = val["obs"] + mean.mean(0)[:, :state_dim]
+            reward_geo_err = (geometric_reward(next_state) - y[:, -1]).abs()
             low = disagreement <= disagreement.median()
             rows.append(dict(
                 updates=budget, seconds=time.perf_counter() - t0, val_state_mse=float(err.mean()),
-                val_reward_mae=float(reward_err.mean()),
+                val_reward_mae=float(reward_err.mean()), val_reward_mae_geometric=float(reward_geo_err.mean()),
+                val_reward_mae_geometric_true_state=float((geometric_reward(val["next_obs"]) - y[:, -1]).abs().mean()),
+                val_reward_mae_geometric_carried_flags=float(
+                    (geometric_reward(next_state, "start") - y[:, -1]).abs().mean()),
                 val_term_acc=float(((term_p.mean(0) > 0.5).float() == term).float().mean()),
                 disagreement_mean=float(disagreement.mean()),
                 disagreement_error_corr=spearman(disagreement, err),
