@@ -14,7 +14,11 @@ own loss and batch, measuring after each budget of gradient steps (cumulative):
   mean's *predicted* next state, given the true grasp contact and success of that transition (what the simulator
   knows and the state does not): how well a reward the model need not learn would do, against val_reward_mae;
   _true_state: the same formula on the true next state (a check: about 0); _carried_flags: with the contact and
-  success of the transition's *start* state instead, as an imagined step branched from a real state would know them.
+  success of the transition's *start* state instead, as an imagined step branched from a real state would know them;
+  _of_state: what `mbrl_residual.py --model-reward staged` computes, mbrl_residual.staged_reward_of_state of the
+  predicted next state (the grasp read from that state, success from the predicted termination),
+- val_grasp_agreement: how often mbrl_residual.tail_grasp_of_state of the true next state agrees with the simulator's
+  contact flag (false_grasp, missed_grasp: the two kinds of disagreement, as fractions of the held-out transitions).
 
     python benchmarks/mbrl_model_fit.py --steps 20000 --budgets 200 1000 3000
     python benchmarks/mbrl_model_fit.py --reward-lateral 10 --out benchmarks/results/mbrl_model_fit_lateral10.json
@@ -33,7 +37,8 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-from mbrl_residual import DynamicsEnsemble, ReplayBuffer, model_targets  # noqa: E402
+from mbrl_residual import (DynamicsEnsemble, ReplayBuffer, model_targets, staged_reward_of_state,  # noqa: E402
+                           tail_grasp_of_state)
 
 
 @dataclass
@@ -127,6 +132,7 @@ def main(args):
         with torch.no_grad():
             x, y, term = model_targets(val)
             mean, _, term_p = model.predict(x)
+            grasp = tail_grasp_of_state(val["next_obs"])
             # the same measure mbrl_residual.imagine cuts on
             disagreement = (mean[..., :state_dim] / model.x_std[:state_dim]).std(0).mean(-1)
             err = (((mean.mean(0) - y)[:, :state_dim] / model.y_std[:state_dim]) ** 2).mean(-1)
@@ -140,6 +146,11 @@ def main(args):
                 val_reward_mae_geometric_true_state=float((geometric_reward(val["next_obs"]) - y[:, -1]).abs().mean()),
                 val_reward_mae_geometric_carried_flags=float(
                     (geometric_reward(next_state, "start") - y[:, -1]).abs().mean()),
+                val_reward_mae_geometric_of_state=float(
+                    (staged_reward_of_state(next_state, term_p.mean(0) > 0.5, reward_cfg) - y[:, -1]).abs().mean()),
+                val_grasp_agreement=float((grasp == flags["next"][0]).float().mean()),
+                false_grasp=float((grasp & ~flags["next"][0]).float().mean()),
+                missed_grasp=float((~grasp & flags["next"][0]).float().mean()),
                 val_term_acc=float(((term_p.mean(0) > 0.5).float() == term).float().mean()),
                 disagreement_mean=float(disagreement.mean()),
                 disagreement_error_corr=spearman(disagreement, err),

@@ -10,7 +10,7 @@ from test_cli import assert_one_line_error
 
 import common
 
-from mbrl_residual import DynamicsEnsemble, imagine
+from mbrl_residual import DynamicsEnsemble, imagine, staged_reward_of_state, tail_grasp_of_state
 
 TINY = ["--num-envs", "1", "--num-eval-envs", "1", "--num-eval-episodes", "1", "--batch-size", "32",
         "--hidden-dim", "32", "--learning-starts", "100", "--critic-warmup-updates", "5", "--log-freq", "50",
@@ -75,6 +75,39 @@ def test_imagined_rollouts_stop_at_termination_and_disagreement():
     assert abs(stats["rollout_len"] - 9 / 6) < 1e-6 and abs(stats["rollout_kept"] - 9 / 18) < 1e-6
     # a continuing rollout's next state is the next step's state
     torch.testing.assert_close(out["next_obs"][out["terminated"][:, 0] == 0][:2], torch.full((2, 2), 0.01))
+
+
+def test_imagined_rewards_can_be_computed_from_the_predicted_state():
+    """--model-reward staged: each kept step's reward is reward_fn(its next state, its termination), not the model's."""
+    out, _ = imagine(FakeModel(), lambda s, b: torch.zeros_like(b), torch.zeros(6, 2), torch.zeros(6, 1), horizon=3,
+                     max_disagreement=0.1, scale=0.1, reward_fn=lambda s, done: 100 * s[:, 0] + done.float())
+    assert out["reward"].shape == (9, 1) and (out["reward"] != -0.5).all()
+    torch.testing.assert_close(out["reward"], 100 * out["next_obs"][:, :1] + out["terminated"])
+
+
+def peg_state(tcp_x, finger_gap):
+    """A 43-dim PegInsertionSide state: peg at the origin along world x (half length 0.1, radius 0.01), the TCP at
+    (tcp_x, 0, 0), the fingers' joint positions summing to `finger_gap`, the hole 0.3 m ahead."""
+    s = torch.zeros(1, 43)
+    s[0, common.QPOS][7:9] = finger_gap / 2
+    s[0, common.TCP_POSE] = torch.tensor([tcp_x, 0, 0, 1, 0, 0, 0])
+    s[0, common.PEG_POSE] = torch.tensor([0, 0, 0, 1, 0, 0, 0.0])
+    s[0, common.PEG_HALF_SIZE] = torch.tensor([0.1, 0.01, 0.01])
+    s[0, common.HOLE_POSE] = torch.tensor([0.3, 0, 0, 1, 0, 0, 0.0])
+    s[0, common.HOLE_RADIUS] = 0.0115
+    return s
+
+
+def test_tail_grasp_is_read_from_the_state():
+    assert tail_grasp_of_state(peg_state(-0.05, 0.021))  # fingers closed on the peg (0.02 wide), on its tail half
+    assert not tail_grasp_of_state(peg_state(-0.05, 0.08))  # open
+    assert not tail_grasp_of_state(peg_state(0.05, 0.021))  # on the head half
+    cfg = common.StagedRewardConfig(d3=10)
+    held, success = peg_state(-0.05, 0.021), torch.tensor([False])
+    terms = common.staged_reward_terms(held, torch.tensor([True]), success, cfg)
+    assert staged_reward_of_state(held, success, cfg) == pytest.approx(float(sum(terms.values())))
+    assert float(terms["stage"]) != cfg.stage_offsets[0]  # held: past the grasp stage
+    assert staged_reward_of_state(held, torch.tensor([True]), cfg) == pytest.approx(cfg.r_success)
 
 
 def test_train_evaluate_and_resume_exactly(tmp_path):
