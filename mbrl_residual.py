@@ -406,7 +406,7 @@ def tail_grasp_of_state(state):
     diameter, the TCP within 1 cm of the peg's axis, on its tail half. How often it agrees with the simulator's flag:
     benchmarks/mbrl_model_fit.py (val_grasp_agreement)."""
     peg, tcp = state[:, common.PEG_POSE], state[:, common.TCP_POSE][:, :3]
-    tcp_in_peg = ((tcp - peg[:, :3]).unsqueeze(1) @ common.quaternion_to_matrix(peg[:, 3:])).squeeze(1)
+    tcp_in_peg = common._to_frame(common.quaternion_to_matrix(peg[:, 3:]), peg[:, :3], tcp)
     closed = (state[:, common.QPOS][:, 7:9].sum(-1) - 2 * state[:, common.PEG_HALF_SIZE][:, 1]).abs() < 0.004
     return closed & (tcp_in_peg[:, 0] < 0) & (tcp_in_peg[:, 1:].norm(dim=-1) < 0.01)
 
