@@ -123,6 +123,10 @@ class Args:
     """auto (GPU if CUDA is there), physx_cuda or physx_cpu"""
     reward: str = "staged"
     """staged (paper section 2.3), normalized_dense (ManiSkill's) or sparse"""
+    reward_lateral: float = 0.0
+    """with the staged reward (ignored by the others): weight of the term for the peg head's lateral distance from the
+    hole axis while inserting (common.StagedRewardConfig.d3; sac_residual.py's --reward-lateral, 10 there). 0, the
+    paper's reward, is what this script's measurements used (RESULTS.md); the demonstrations are replayed with it too"""
     total_timesteps: int = 20_000
     """total env steps (20k on CPU with 2 envs: all three seeds measured were at 0.92-0.94 there; later evaluations
     swing between 0.64 and 0.90 (five runs at 30k, RESULTS.md), whether the BC term fades over 40k steps, 100k or
@@ -506,14 +510,16 @@ def read_demo_file(path: str, num_demos: int, env_id: str, action_dim: int) -> t
 
 
 def replay_demos(meta: dict, actions: list, labels: list, env_id: str, base_spec: str, reward: str,
-                 seed: int, clock: bool = True, continuing: bool = False) -> dict:
+                 seed: int, clock: bool = True, continuing: bool = False,
+                 reward_cfg: Optional[common.StagedRewardConfig] = None) -> dict:
     """Replay each demonstration's actions from its recorded seed (CPU physics is deterministic) with the training
     env's reward and terminations and the frozen base alongside: the transitions the demo buffer needs, with base
     actions and staged rewards that the file need not hold. An episode that does not replay to success (e.g.
     recorded on another back end) is dropped with a warning. States carry the SearchClock columns if `clock`.
-    `continuing`: success does not terminate (--continue-after-success), so the last transition bootstraps."""
-    envs = common.make_env(1, "physx_cpu", env_id=env_id, reward=reward, seed=seed, reconfiguration_freq=1,
-                           ignore_terminations=continuing)
+    `continuing`: success does not terminate (--continue-after-success), so the last transition bootstraps.
+    `reward_cfg`: the staged reward's coefficients (common's defaults if None)."""
+    envs = common.make_env(1, "physx_cpu", env_id=env_id, reward=reward, reward_cfg=reward_cfg, seed=seed,
+                           reconfiguration_freq=1, ignore_terminations=continuing)
     base = common.make_base_policy(base_spec, envs, seed=seed)
     search_clock = SearchClock(1, "cpu", clock)
     keys = ("obs", "a_base", "action", "label", "reward", "next_obs", "next_a_base", "terminated", "done")
@@ -699,6 +705,8 @@ if __name__ == "__main__":
         for name in ("total_timesteps", "utd", "learning_starts", "bc_pretrain_updates", "bc_coef", "bc_decay_steps"):
             if getattr(args, name) < 0:
                 raise common.ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+        if not args.reward_lateral >= 0:
+            raise common.ConfigError(f"--reward-lateral must be >= 0, got {args.reward_lateral}")
         if args.save_trajectories and not args.evaluate:
             raise common.ConfigError("--save-trajectories needs --evaluate --checkpoint C")
         if args.evaluate and not args.checkpoint:
@@ -714,6 +722,7 @@ if __name__ == "__main__":
             for name in ARCH_ARGS:
                 setattr(args, name, ckpt["args"][name])
             args.eval_ema = ckpt["args"].get("eval_ema", 0.0)  # evaluate what the run evaluated; resume exactly
+            args.reward_lateral = ckpt["args"].get("reward_lateral", 0.0)  # the task it learned
             if not args.evaluate:  # a resumed run replays the same demonstrations
                 args.num_demos = ckpt["args"]["num_demos"]
 
@@ -739,8 +748,10 @@ if __name__ == "__main__":
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         if device.type == "cpu":
             torch.set_num_threads(args.threads)
+        reward_cfg = common.StagedRewardConfig(d3=args.reward_lateral)
         eval_envs = common.make_env(args.num_eval_envs, args.sim_backend, env_id=args.env_id,
-                                    control_mode=args.control_mode, reward=args.reward, eval_mode=True,
+                                    control_mode=args.control_mode, reward=args.reward, reward_cfg=reward_cfg,
+                                    eval_mode=True,
                                     seed=args.seed + 10_000, record_dir=args.save_trajectories,
                                     video_dir=f"runs/{run_name}/videos" if args.capture_video else None,
                                     max_episode_steps=args.max_episode_steps)
@@ -751,8 +762,8 @@ if __name__ == "__main__":
         envs = None
         if not args.evaluate:
             envs = common.make_env(args.num_envs, args.sim_backend, env_id=args.env_id,
-                                   control_mode=args.control_mode, reward=args.reward, seed=args.seed,
-                                   ignore_terminations=args.continue_after_success,
+                                   control_mode=args.control_mode, reward=args.reward, reward_cfg=reward_cfg,
+                                   seed=args.seed, ignore_terminations=args.continue_after_success,
                                    max_episode_steps=args.max_episode_steps)
         res_dim = ((state_dim if args.full_state else state_dim - env_state_dim)
                    + (common.TASK_FEATURE_DIM if args.task_features else 0)
@@ -855,7 +866,7 @@ if __name__ == "__main__":
         # ---- the demonstration buffer: replayed, relabelled against this base, with this reward ----
         t0 = time.perf_counter()
         demos = replay_demos(demo_meta, demo_actions, demo_labels, args.env_id, args.base, args.reward, args.demo_seed,
-                             args.search_features, args.continue_after_success)
+                             args.search_features, args.continue_after_success, reward_cfg)
         demo_rb = ReplayBuffer(len(demos["obs"]), state_dim, act_dim, 1, device)
         demo_rb.add(**{k: demos[k] for k in ReplayBuffer.FIELDS})
         demo_rb.data["label"] = demos["label"].to(device)  # sampled with its row: the BC term's target

@@ -33,6 +33,7 @@ ONE_SCRIPT = [
     ("sac_residual.py", ["--reward-lateral", "-1"], "--reward-lateral must be >= 0, got -1.0"),
     ("ppo_residual.py", ["--reward-lateral", "-1"], "--reward-lateral must be >= 0, got -1.0"),
     ("mbrl_residual.py", ["--reward-lateral", "-0.5"], "--reward-lateral must be >= 0, got -0.5"),
+    ("demo_explore_sac.py", ["--reward-lateral", "-2"], "--reward-lateral must be >= 0, got -2.0"),
     ("mbrl_residual.py", ["--model-reward", "exact"], "--model-reward must be learned or staged, got exact"),
     ("mbrl_residual.py", ["--model-reward", "staged", "--reward", "sparse"], "it needs --reward staged"),
     ("sac_residual.py", ["--residual-hold", "2"], "--n-step must be a multiple of --residual-hold"),

@@ -68,6 +68,11 @@ def test_replay_recomputes_base_actions_rewards_and_ends(demos):
     assert start > 10 and torch.allclose(k[start:], torch.arange(1, len(k) - start + 1).float())
     assert torch.allclose(d["next_obs"][: len(actions[0]) - 1], d["obs"][1 : len(actions[0])])
     assert d["reward"].max() <= 1.0 and d["reward"][ends].min() == 1.0  # the staged reward pays success
+    # --reward-lateral: the replay pays the lateral aim term too (only while inserting, never on success)
+    cfg = common.StagedRewardConfig(d3=10.0)
+    lat = replay_demos(meta, actions, labels, HIDDEN, "expert", "staged", seed=0, reward_cfg=cfg)
+    assert torch.equal(lat["obs"], d["obs"]) and (lat["reward"] <= d["reward"]).all()
+    assert (lat["reward"] < d["reward"]).any() and torch.equal(lat["reward"][ends], d["reward"][ends])
 
 
 def test_continuing_replay_bootstraps_at_the_insertion(demos):

@@ -14,9 +14,11 @@ from demo_explore_sac import SearchClock
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The bare command (no --demos): generates the default set under demos/ first, then trains."""
+    """The bare command (no --demos): generates the default set under demos/ first, then trains (with the staged
+    reward's lateral term)."""
     tmp_path = tmp_path_factory.mktemp("demo_sac")
-    out = DEMO.train(tmp_path, "--num-demos", "2", "--total-timesteps", "300", "--eval-freq", "200", "--exp-name", "t")
+    out = DEMO.train(tmp_path, "--num-demos", "2", "--total-timesteps", "300", "--eval-freq", "200", "--exp-name", "t",
+                     "--reward-lateral", "5")
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp_path, out
 
@@ -50,6 +52,9 @@ def test_evaluate_checkpoint_prints_json(trained):
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["eval/episodes"] == 1 and 0 <= stats["eval/success_at_end"] <= 1
     assert "eval/median_steps_to_success" in stats
+    # the run's last evaluation again (same seed and eval envs), with --reward-lateral 5 from the checkpoint (its
+    # return would differ by the lateral term otherwise)
+    assert stats["eval/return"] == pytest.approx(scalars(run_dir)["eval/return"][-1][1], abs=1e-3)
 
 
 @pytest.fixture(scope="module")
