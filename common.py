@@ -367,6 +367,33 @@ def _make_maniskill(env_id, num_envs, sim_backend, control_mode, images, camera_
     return wrapper(env) if wrapper else env
 
 
+def _start_forkserver() -> None:
+    """Start multiprocessing's forkserver with torch, ManiSkill, this module and the running script imported once, so
+    that every CPU env worker is a fork that already has them. Its own preload cannot: on Python 3.11-3.13 the
+    "__main__" entry is silently skipped (the server looks for a 'main_path' key that the preparation data does not
+    have) and the parent's sys.path is dropped, so other preloads fail to import, also silently; each worker then
+    ran the script afresh, imports and all (~4 s of CPU per worker). Here the server gets the folders on PYTHONPATH
+    and imports the script under its module name; a worker still re-runs the script's top level to rebuild
+    __main__ (what `wrapper` classes defined there unpickle from), but finds its imports done."""
+    from multiprocessing import forkserver
+
+    folders, preload = [os.path.dirname(os.path.abspath(__file__))], [__name__]
+    main_file = getattr(sys.modules["__main__"], "__file__", None)
+    if main_file and main_file.endswith(".py") and getattr(sys.modules["__main__"], "__spec__", None) is None:
+        folders.append(os.path.dirname(os.path.abspath(main_file)))  # `python script.py`, not `python -m ...`
+        preload.append(os.path.splitext(os.path.basename(main_file))[0])
+    multiprocessing.set_forkserver_preload(preload)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(folders + ([old] if old else []))
+    try:
+        forkserver.ensure_running()  # a no-op once it runs
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
 def _cpu_worker(ignore_terminations, info_keys, make_kwargs, rank):
     import signal
 
@@ -414,7 +441,7 @@ class VecEnv:
             # forkserver: one server process imports torch, ManiSkill and this module once; every worker is then a
             # fork of it (~1 s) rather than a fresh interpreter importing them again (spawn: ~4 s, and as long
             # again to shut down). Not plain fork: the learner has torch threads running by now.
-            multiprocessing.set_forkserver_preload(["__main__", "common"])
+            _start_forkserver()
             self.envs = gym.vector.AsyncVectorEnv(
                 fns, context="forkserver", autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
             )

@@ -113,3 +113,35 @@ def test_logger_writes_tensorboard_scalars(tmp_path, monkeypatch):
     acc = EventAccumulator(str(tmp_path / "runs" / "demo"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("eval/success_at_end")] == [(10, 0.25)]
+
+
+def test_env_workers_fork_from_a_server_that_imported_the_script(tmp_path):
+    """common._start_forkserver: the forkserver imports torch, ManiSkill, common and the running script itself (by
+    module name), so CPU env workers start without importing them again. Python's own preload of "__main__" skips
+    it: a worker then had to re-run the script afresh and only ever knew it as "__mp_main__"."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "myscript.py").write_text(f"""
+import multiprocessing, sys
+sys.path.insert(0, {ROOT!r})
+import common
+
+def report(conn):  # in the worker
+    conn.send(["myscript" in sys.modules, "common" in sys.modules])
+
+if __name__ == "__main__":
+    common._start_forkserver()
+    parent, child = multiprocessing.Pipe()
+    worker = multiprocessing.get_context("forkserver").Process(target=report, args=(child,))
+    worker.start()
+    print(parent.recv(), flush=True)
+    worker.join()
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    print("libtorch" in open(f"/proc/{{server}}/maps").read())
+""")
+    out = subprocess.run([sys.executable, "myscript.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["[True, True]", "True"]
