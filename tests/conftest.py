@@ -12,6 +12,19 @@ import torch  # noqa: E402
 import common  # noqa: E402
 
 
+# pytest-xdist's `--dist loadfile` hands whole files to its workers in collection order (with
+# `--no-loadscope-reorder`; its default orders them by test count instead): the files that run scripts end to end
+# go first, longest first, so that no long file starts last while the other workers sit idle; the quick unit-test
+# files fill in at the end.
+SLOWEST_FIRST = ["test_sac_residual.py", "test_ppo_residual.py", "test_affordance_ppo.py",
+                 "test_demo_explore_training.py", "test_mbrl_residual.py", "test_cli.py", "test_demo_explore_sac.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session")
 def tiny_pi0(tmp_path_factory):
     from tiny_pi0 import build_tiny_pi0
