@@ -173,8 +173,9 @@ class Args:
     from the predicted next state by staged_reward_of_state, success from the predicted termination; needs --reward
     staged on PegInsertionSide-v1). On held-out real transitions the learned output errs by 0.049-0.067 per step, the
     formula on the predicted state by 0.034 falling to 0.009 as the model trains, against the 0.04 that 4 mm of aim
-    error costs at --reward-lateral 10 (benchmarks/mbrl_model_fit.py, RESULTS.md); not yet measured in training, so
-    not the default"""
+    error costs at --reward-lateral 10 (benchmarks/mbrl_model_fit.py, RESULTS.md). In training (seeds 1, 3, to 100k)
+    it did not help: 0.58 and 0.62 at 100k against 0.54 and 0.64 with `learned`, lower on the way (0.32, 0.62 at 50k
+    against 0.46, 0.58), so not the default"""
     model_retain_rounds: int = 5
     """imagined transitions are kept for this many rounds (the imagined buffer's size)"""
     real_ratio: float = 0.5
