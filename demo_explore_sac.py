@@ -751,8 +751,7 @@ if __name__ == "__main__":
         reward_cfg = common.StagedRewardConfig(d3=args.reward_lateral)
         eval_envs = common.make_env(args.num_eval_envs, args.sim_backend, env_id=args.env_id,
                                     control_mode=args.control_mode, reward=args.reward, reward_cfg=reward_cfg,
-                                    eval_mode=True,
-                                    seed=args.seed + 10_000, record_dir=args.save_trajectories,
+                                    eval_mode=True, seed=args.seed + 10_000, record_dir=args.save_trajectories,
                                     video_dir=f"runs/{run_name}/videos" if args.capture_video else None,
                                     max_episode_steps=args.max_episode_steps)
         act_dim, env_state_dim = eval_envs.action_dim, eval_envs.state_dim
