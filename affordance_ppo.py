@@ -476,6 +476,8 @@ if __name__ == "__main__":
             raise common.ConfigError("--save-trajectories needs --evaluate --checkpoint C")
         if args.evaluate and not args.checkpoint:
             raise common.ConfigError("--evaluate needs --checkpoint C")
+        if not args.evaluate:  # now, not after the evaluation envs have started
+            common.check_num_envs(args.num_envs, args.sim_backend)
         images = common.base_needs_images(args.base)
         ckpt = common.load_checkpoint(args.checkpoint, "affordance_ppo.py", args.base) if args.checkpoint else None
         if ckpt:  # the policy is defined by these: take them from the checkpoint, whatever the command line says

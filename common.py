@@ -552,6 +552,23 @@ def resolve_sim_backend(sim_backend: str) -> str:
     raise ConfigError(f"unknown --sim-backend {sim_backend!r}: choose auto, physx_cuda (gpu) or physx_cpu (cpu)")
 
 
+def check_num_envs(num_envs: int, sim_backend: str = "auto") -> str:
+    """The back end `sim_backend` resolves to, once `num_envs` is known to suit it (one process per env on the CPU
+    back end: at most two per core). make_env checks this itself; scripts call it first, so that a bad --num-envs
+    fails before their evaluation envs start."""
+    if num_envs < 1:
+        raise ConfigError(f"--num-envs must be >= 1, got {num_envs}")
+    backend = resolve_sim_backend(sim_backend)
+    max_cpu_envs = 2 * (os.cpu_count() or 1)
+    if backend == "physx_cpu" and num_envs > max_cpu_envs:
+        raise ConfigError(
+            f"--num-envs {num_envs} on the CPU back end would start {num_envs} simulator processes on "
+            f"{os.cpu_count()} cores; use --num-envs {os.cpu_count()} here (up to {max_cpu_envs}), or a GPU "
+            f"(--sim-backend physx_cuda) for hundreds of envs"
+        )
+    return backend
+
+
 def make_env(
     num_envs: int,
     sim_backend: str = "auto",
@@ -590,20 +607,11 @@ def make_env(
     """
     if reward not in ("staged", "normalized_dense", "sparse"):
         raise ConfigError(f"unknown --reward {reward!r}: choose staged, normalized_dense or sparse")
-    if num_envs < 1:
-        raise ConfigError(f"--num-envs must be >= 1, got {num_envs}")
     if max_episode_steps is not None:
         if max_episode_steps < 1:
             raise ConfigError(f"--max-episode-steps must be >= 1, got {max_episode_steps}")
         env_kwargs = dict(env_kwargs or {}, max_episode_steps=max_episode_steps)
-    backend = resolve_sim_backend(sim_backend)
-    max_cpu_envs = 2 * (os.cpu_count() or 1)
-    if backend == "physx_cpu" and num_envs > max_cpu_envs:
-        raise ConfigError(
-            f"--num-envs {num_envs} on the CPU back end would start {num_envs} simulator processes on "
-            f"{os.cpu_count()} cores; use --num-envs {os.cpu_count()} here (up to {max_cpu_envs}), or a GPU "
-            f"(--sim-backend physx_cuda) for hundreds of envs"
-        )
+    backend = check_num_envs(num_envs, sim_backend)
     if reconfiguration_freq is None:
         reconfiguration_freq = 1 if eval_mode else (0 if backend == "physx_cuda" else 10)
     if ignore_terminations is None:

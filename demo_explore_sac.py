@@ -458,10 +458,11 @@ def generate_demos(path: str, num_demos: int, env_id: str, num_envs: int, seed: 
                 median_steps_to_success=steps_t.median().item() if len(steps) else float("nan"))
 
 
-def read_demo_file(path: str, num_demos: int, env_id: str, action_dim: int) -> tuple[dict, list, list]:
+def read_demo_file(path: str, num_demos: int, env_id: str, action_dim: Optional[int] = None
+                   ) -> tuple[dict, list, list]:
     """(json metadata, [actions (T, A) per episode], [labels (T, A) per episode]) of the first `num_demos` episodes:
     the labels are `expert_actions` where the file has them (DART), else the actions. One-line errors for a missing,
-    corrupt or mismatched file."""
+    corrupt or mismatched file (A == action_dim, unless that is None: the caller checks it then)."""
     import h5py
 
     stem = os.path.splitext(path)[0]
@@ -493,9 +494,9 @@ def read_demo_file(path: str, num_demos: int, env_id: str, action_dim: int) -> t
                 a = torch.as_tensor(traj["actions"][()], dtype=torch.float32)
                 label = torch.as_tensor(traj["expert_actions"][()], dtype=torch.float32) \
                     if "expert_actions" in traj else a
-                if a.ndim != 2 or a.shape[1] != action_dim or len(a) == 0:
+                if a.ndim != 2 or a.shape[1] != (action_dim or a.shape[1]) or len(a) == 0:
                     raise common.ConfigError(f"{h5_path}: traj_{ep['episode_id']}/actions has shape "
-                                             f"{tuple(a.shape)}, expected (T, {action_dim})")
+                                             f"{tuple(a.shape)}, expected (T, {action_dim or 'A'})")
                 if label.shape != a.shape:
                     raise common.ConfigError(f"{h5_path}: traj_{ep['episode_id']}/expert_actions has shape "
                                              f"{tuple(label.shape)}, expected {tuple(a.shape)} like its actions")
@@ -713,6 +714,8 @@ if __name__ == "__main__":
             raise common.ConfigError("--evaluate needs --checkpoint C")
         if args.control_mode != "pd_ee_delta_pose":
             raise common.ConfigError("demonstrations are replayed in pd_ee_delta_pose: --control-mode must be that")
+        if not args.evaluate:  # now, not after the evaluation envs have started
+            common.check_num_envs(args.num_envs, args.sim_backend)
         images = common.base_needs_images(args.base)
         if images:
             raise common.ConfigError("demonstrations are replayed without cameras: pick a state-based --base")
@@ -726,7 +729,7 @@ if __name__ == "__main__":
             if not args.evaluate:  # a resumed run replays the same demonstrations
                 args.num_demos = ckpt["args"]["num_demos"]
 
-        # ---- demonstrations: generate (cached) and/or check the file before any training env starts ----
+        # ---- demonstrations: generate (cached) and/or read and check the file before any env starts ----
         demo_path = args.demos or (ckpt["demos"]["path"] if ckpt
                                    else default_demo_path(args.env_id, args.demo_noise))
         if args.generate_demos or (args.demos is None and not ckpt and not _has_demos(demo_path, args.num_demos)):
@@ -737,6 +740,8 @@ if __name__ == "__main__":
             print(json.dumps({f"demos/{k}": v for k, v in stats.items()}), flush=True)
             if args.generate_demos:
                 return
+        demo_meta, demo_actions, demo_labels = (None, None, None) if args.evaluate else read_demo_file(
+            demo_path, args.num_demos, args.env_id)  # their action size is checked against the env's below
 
         run_name = (ckpt["run_name"] if ckpt and not args.evaluate
                     else f"{args.exp_name}__{args.seed}__{int(time.time())}")
@@ -756,8 +761,9 @@ if __name__ == "__main__":
                                     max_episode_steps=args.max_episode_steps)
         act_dim, env_state_dim = eval_envs.action_dim, eval_envs.state_dim
         state_dim = eval_envs.state_dim + (SearchClock.DIM if args.search_features else 0)  # + the clock's columns
-        demo_meta, demo_actions, demo_labels = (None, None, None) if args.evaluate else read_demo_file(
-            demo_path, args.num_demos, args.env_id, act_dim)
+        if demo_actions and demo_actions[0].shape[1] != act_dim:
+            raise common.ConfigError(f"{demo_path}: its actions have {demo_actions[0].shape[1]} dimensions, the "
+                                     f"env's {act_dim}")
         envs = None
         if not args.evaluate:
             envs = common.make_env(args.num_envs, args.sim_backend, env_id=args.env_id,

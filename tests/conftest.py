@@ -54,13 +54,14 @@ def run(script, *args, timeout=600, cwd=ROOT):
     )
 
 
-def run_batch(script, cases):
-    """Run `script` once per argument list in `cases`, all in one subprocess (tests/cli_batch.py: its imports are
-    paid once); returns one CompletedProcess-like record per case (returncode, stderr), in order."""
+def run_batch(cases):
+    """Run each (script, argument list) of `cases`, all in one subprocess (tests/cli_batch.py: the imports are paid
+    once); returns one CompletedProcess-like record per case (returncode, stderr, processes_started: how many
+    processes it started), in order."""
     import json
     from types import SimpleNamespace
 
-    out = run(os.path.join("tests", "cli_batch.py"), script, json.dumps([[str(a) for a in c] for c in cases]))
+    out = run(os.path.join("tests", "cli_batch.py"), json.dumps([[s, [str(a) for a in c]] for s, c in cases]))
     assert out.returncode == 0, out.stderr[-3000:]
     return [SimpleNamespace(**r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
 

@@ -1,9 +1,10 @@
-"""Bad input to the training scripts: a clear one-line error and exit code 2, never a traceback.
+"""Bad input to the training scripts: a clear one-line error and exit code 2, never a traceback, and before any
+simulator process starts.
 
-Each script's own validation is checked for every script; what goes through common.py (base specs, env limits,
-checkpoint loading) once, on sac_residual.py, besides common.py's unit tests. The cases of one script run in one
-subprocess (tests/cli_batch.py, the script's real entry point once per case): a fresh interpreter per case spent
-~8 s of CPU on imports, ~35 times. The last test runs real subprocesses, one per case, as a user would.
+Each script's own validation is checked for every script; what goes through common.py (base specs, checkpoint
+loading) once, on sac_residual.py, besides common.py's unit tests. All these cases run in one subprocess
+(tests/cli_batch.py, each script's real entry point once per case): a fresh interpreter per case spent ~8 s of CPU
+on imports, ~60 times. The last test runs real subprocesses, one per case, as a user would.
 """
 
 import pytest
@@ -18,6 +19,7 @@ EVERY_SCRIPT = [
     (["--evaluate"], "--evaluate needs --checkpoint"),
     (["--save-trajectories", "x"], "--save-trajectories needs --evaluate"),
     (["--max-episode-steps", "0"], "--max-episode-steps must be >= 1"),
+    (["--num-envs", "512", "--sim-backend", "physx_cpu"], "use --num-envs"),  # 512 simulator processes
 ]
 ONE_SCRIPT = [
     ("ppo_residual.py", ["--noise-repeat", "0"], "--noise-repeat must be >= 1"),
@@ -42,7 +44,6 @@ ONE_SCRIPT = [
     ("sac_residual.py", ["--checkpoint", "/no/such/ckpt.pt"], "checkpoint not found"),
     ("sac_residual.py", ["--base", "gr00t"], "unknown --base"),
     ("sac_residual.py", ["--base", "coarse:hole_pos_std=abc"], "bad --base option"),
-    ("sac_residual.py", ["--num-envs", "512", "--sim-backend", "physx_cpu"], "use --num-envs"),
 ]
 
 
@@ -57,34 +58,41 @@ def assert_one_line_error(out, message):
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    """Every case of this file but the last test's: {(script, args): outcome}, one subprocess per script."""
+    """Every case of this file but the last test's: {(script, args): outcome}, all in one subprocess."""
     tmp = tmp_path_factory.mktemp("cli")
-    found = {}
+    keys, cases = [], []
     for script in SCRIPTS:
+        for args in [args for args, _ in EVERY_SCRIPT] + [args for s, args, _ in ONE_SCRIPT if s == script]:
+            keys.append((script, tuple(args)))
+            cases.append((script, args))
         foreign = tmp / f"from_{other_script(script)}.pt"  # a checkpoint written by another script
         common.save_checkpoint(str(foreign), dict(script=other_script(script), base="coarse"))
-        cases = [args for args, _ in EVERY_SCRIPT] + [args for s, args, _ in ONE_SCRIPT if s == script]
-        cases.append(["--checkpoint", str(foreign)])
-        for args, outcome in zip(cases, run_batch(script, cases)):
-            found[script, tuple(args)] = outcome
-        found[script, "foreign"] = found.pop((script, tuple(cases[-1])))
-    return found
+        keys.append((script, "foreign"))
+        cases.append((script, ["--checkpoint", str(foreign)]))
+    return dict(zip(keys, run_batch(cases)))
+
+def assert_rejected_before_any_env(outcome, message):
+    """The one-line error, raised before any simulator process started (the CPU envs are processes), unless the
+    check needs an env: --residual-dims is checked against the env's action size."""
+    assert_one_line_error(outcome, message)
+    if outcome.argv[0] != "--residual-dims":
+        assert outcome.processes_started == 0, f"it started {outcome.processes_started} processes"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("args, message", EVERY_SCRIPT)
 def test_each_script_checks_its_arguments(outcomes, script, args, message):
-    assert_one_line_error(outcomes[script, tuple(args)], message)
+    assert_rejected_before_any_env(outcomes[script, tuple(args)], message)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_checkpoint_from_another_script(outcomes, script):
-    assert_one_line_error(outcomes[script, "foreign"], f"written by {other_script(script)}, not {script}")
+    assert_rejected_before_any_env(outcomes[script, "foreign"], f"written by {other_script(script)}, not {script}")
 
 
 @pytest.mark.parametrize("script, args, message", ONE_SCRIPT)
 def test_script_specific_and_common_checks(outcomes, script, args, message):
-    assert_one_line_error(outcomes[script, tuple(args)], message)
+    assert_rejected_before_any_env(outcomes[script, tuple(args)], message)
 
 
 def test_checkpoint_of_another_base_or_corrupt(tmp_path):

@@ -3,6 +3,7 @@ features and the BC target (end to end, exact resume included: test_demo_explore
 
 import json
 import math
+import shutil
 
 import h5py
 import pytest
@@ -138,13 +139,22 @@ def test_bad_demonstration_files(demos, tmp_path):
     (tmp_path / "bad.json").write_text("{\"episodes\": [")
     with pytest.raises(common.ConfigError, match="not a ManiSkill trajectory json"):
         read_demo_file(str(tmp_path / "bad.h5"), 1, HIDDEN, 7)
-    # and on the command line: one line, exit code 2, before any simulator starts (one subprocess for the four)
+    shutil.copy(path.with_suffix(".json"), tmp_path / "six.json")  # a file whose actions have 6 dimensions
+    with h5py.File(path) as f, h5py.File(tmp_path / "six.h5", "w") as g:
+        for traj in f:
+            for key in f[traj]:
+                if key in ("actions", "expert_actions"):
+                    g[f"{traj}/{key}"] = f[f"{traj}/{key}"][()][:, :6]
+    # and on the command line: one line, exit code 2, before any simulator starts (one subprocess for them all),
+    # except the action size, which the env tells
     cases = {"demonstration file not found": ["--demos", tmp_path / "none.h5"],
              "--demo-ratio must be in [0, 1)": ["--demo-ratio", "1"],
              "--demo-noise must be in [0, 1]": ["--demo-noise", "-0.1"],
-             "--eval-ema must be in [0, 1)": ["--eval-ema", "1"]}
-    for message, outcome in zip(cases, run_batch("demo_explore_sac.py", list(cases.values()))):
+             "--eval-ema must be in [0, 1)": ["--eval-ema", "1"],
+             "its actions have 6 dimensions, the env's 7": ["--demos", tmp_path / "six.h5", "--num-demos", "1"]}
+    for message, outcome in zip(cases, run_batch([("demo_explore_sac.py", c) for c in cases.values()])):
         assert_one_line_error(outcome, message)
+        assert outcome.processes_started == 0 or message.startswith("its actions")
 
 
 def test_dart_demonstrations_store_clean_labels_and_replay(tmp_path):
