@@ -712,6 +712,8 @@ if __name__ == "__main__":
             raise common.ConfigError("--save-trajectories needs --evaluate --checkpoint C")
         if args.evaluate and not args.checkpoint:
             raise common.ConfigError("--evaluate needs --checkpoint C")
+        if args.max_episode_steps is not None and args.max_episode_steps < 1:  # before demonstrations are generated
+            raise common.ConfigError(f"--max-episode-steps must be >= 1, got {args.max_episode_steps}")
         if args.control_mode != "pd_ee_delta_pose":
             raise common.ConfigError("demonstrations are replayed in pd_ee_delta_pose: --control-mode must be that")
         if not args.evaluate:  # now, not after the evaluation envs have started
