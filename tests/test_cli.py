@@ -71,6 +71,7 @@ def outcomes(tmp_path_factory):
         cases.append((script, ["--checkpoint", str(foreign)]))
     return dict(zip(keys, run_batch(cases)))
 
+
 def assert_rejected_before_any_env(outcome, message):
     """The one-line error, raised before any simulator process started (the CPU envs are processes), unless the
     check needs an env: --residual-dims is checked against the env's action size."""
