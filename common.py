@@ -552,6 +552,15 @@ def resolve_sim_backend(sim_backend: str) -> str:
     raise ConfigError(f"unknown --sim-backend {sim_backend!r}: choose auto, physx_cuda (gpu) or physx_cpu (cpu)")
 
 
+REWARDS = ("staged", "normalized_dense", "sparse")
+
+
+def check_reward(reward: str) -> None:
+    """make_env checks this itself; a script that starts processes of its own before its envs calls it first."""
+    if reward not in REWARDS:
+        raise ConfigError(f"unknown --reward {reward!r}: choose {', '.join(REWARDS[:-1])} or {REWARDS[-1]}")
+
+
 def check_num_envs(num_envs: int, sim_backend: str = "auto") -> str:
     """The back end `sim_backend` resolves to, once `num_envs` is known to suit it (one process per env on the CPU
     back end: at most two per core). make_env checks this itself; scripts call it first, so that a bad --num-envs
@@ -605,8 +614,7 @@ def make_env(
     `max_episode_steps` overrides the task's time limit (PegInsertionSide-v1: 100 steps); quick runs and tests only,
     as success_at_end is defined at the task's limit.
     """
-    if reward not in ("staged", "normalized_dense", "sparse"):
-        raise ConfigError(f"unknown --reward {reward!r}: choose staged, normalized_dense or sparse")
+    check_reward(reward)
     if max_episode_steps is not None:
         if max_episode_steps < 1:
             raise ConfigError(f"--max-episode-steps must be >= 1, got {max_episode_steps}")

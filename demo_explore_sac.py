@@ -714,6 +714,9 @@ if __name__ == "__main__":
             raise common.ConfigError("--evaluate needs --checkpoint C")
         if args.max_episode_steps is not None and args.max_episode_steps < 1:  # before demonstrations are generated
             raise common.ConfigError(f"--max-episode-steps must be >= 1, got {args.max_episode_steps}")
+        common.check_reward(args.reward)
+        if args.threads < 1:
+            raise common.ConfigError(f"--threads must be >= 1, got {args.threads}")
         if args.control_mode != "pd_ee_delta_pose":
             raise common.ConfigError("demonstrations are replayed in pd_ee_delta_pose: --control-mode must be that")
         if not args.evaluate:  # now, not after the evaluation envs have started
@@ -750,8 +753,6 @@ if __name__ == "__main__":
 
         # ---- seed, device, envs ----
         common.seed_everything(args.seed, args.torch_deterministic)
-        if args.threads < 1:
-            raise common.ConfigError(f"--threads must be >= 1, got {args.threads}")
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         if device.type == "cpu":
             torch.set_num_threads(args.threads)

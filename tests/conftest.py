@@ -54,14 +54,15 @@ def run(script, *args, timeout=600, cwd=ROOT):
     )
 
 
-def run_batch(cases):
+def run_batch(cases, cwd=ROOT):
     """Run each (script, argument list) of `cases`, all in one subprocess (tests/cli_batch.py: the imports are paid
-    once); returns one CompletedProcess-like record per case (returncode, stderr, processes_started: how many
-    processes it started), in order."""
+    once), in the folder `cwd`; returns one CompletedProcess-like record per case (returncode, stderr,
+    processes_started: how many processes it started), in order."""
     import json
     from types import SimpleNamespace
 
-    out = run(os.path.join("tests", "cli_batch.py"), json.dumps([[s, [str(a) for a in c]] for s, c in cases]))
+    out = run(os.path.join("tests", "cli_batch.py"), json.dumps([[s, [str(a) for a in c]] for s, c in cases]),
+              cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     return [SimpleNamespace(**r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
 

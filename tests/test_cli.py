@@ -20,6 +20,8 @@ EVERY_SCRIPT = [
     (["--save-trajectories", "x"], "--save-trajectories needs --evaluate"),
     (["--max-episode-steps", "0"], "--max-episode-steps must be >= 1"),
     (["--num-envs", "512", "--sim-backend", "physx_cpu"], "use --num-envs"),  # 512 simulator processes
+    (["--reward", "dense"], "unknown --reward 'dense': choose staged, normalized_dense or sparse"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
 ]
 ONE_SCRIPT = [
     ("ppo_residual.py", ["--noise-repeat", "0"], "--noise-repeat must be >= 1"),
@@ -58,7 +60,9 @@ def assert_one_line_error(out, message):
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    """Every case of this file but the last test's: {(script, args): outcome}, all in one subprocess."""
+    """Every case of this file but the last test's: {(script, args): outcome}, all in one subprocess. It runs in a
+    scratch folder, without ./demos: demo_explore_sac.py generates its default demonstrations when they are not
+    cached there, so a check made after that would start processes, as it would in a fresh clone."""
     tmp = tmp_path_factory.mktemp("cli")
     keys, cases = [], []
     for script in SCRIPTS:
@@ -69,7 +73,7 @@ def outcomes(tmp_path_factory):
         common.save_checkpoint(str(foreign), dict(script=other_script(script), base="coarse"))
         keys.append((script, "foreign"))
         cases.append((script, ["--checkpoint", str(foreign)]))
-    return dict(zip(keys, run_batch(cases)))
+    return dict(zip(keys, run_batch(cases, cwd=tmp)))
 
 
 def assert_rejected_before_any_env(outcome, message):
