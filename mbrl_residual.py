@@ -305,7 +305,8 @@ class ReplayBuffer:
     def state_dict(self):
         """The stored rows in place (a resumed buffer samples the very same transitions) and the write position."""
         high = self.size if self.full else self.ptr
-        return dict(ptr=self.ptr, full=self.full, data={k: v[:high].cpu() for k, v in self.data.items()})
+        rows = {k: v[:high].to("cpu", copy=True) for k, v in self.data.items()}  # a slice would save all the storage
+        return dict(ptr=self.ptr, full=self.full, data=rows)
 
     def load_state_dict(self, state):
         n = len(state["data"]["obs"])

@@ -1,6 +1,7 @@
 """sac_residual.py end to end, as a subprocess with a tiny budget: train, evaluate, resume exactly, bad inputs."""
 
 import importlib
+import io
 import json
 import os
 import subprocess
@@ -62,6 +63,28 @@ def test_n_step_returns_match_a_plain_loop(n_step, script):
     torch.manual_seed(0)
     again = resumed.sample(500, n_step, gamma)
     assert all(torch.equal(b[k], again[k]) for k in b)  # a restored (full, wrapped) buffer samples the very same
+
+
+@pytest.mark.parametrize("script", ["sac_residual", "mbrl_residual", "demo_explore_sac"])
+def test_checkpointed_buffer_holds_only_its_rows(script):
+    """A buffer's state_dict holds the rows written so far, in storage of their own: a slice of the preallocated
+    buffer would take its whole storage into torch.save (the default 1M rows: ~500 MB per checkpoint at any step)."""
+    ReplayBuffer = importlib.import_module(script).ReplayBuffer
+    rb = ReplayBuffer(10_000, 50, 7, 2, "cpu")
+    for _ in range(3):
+        rb.add(obs=torch.ones(2, 50), a_base=torch.zeros(2, 7), action=torch.zeros(2, 7), reward=torch.ones(2),
+               next_obs=torch.ones(2, 50), next_a_base=torch.zeros(2, 7), terminated=torch.zeros(2),
+               done=torch.zeros(2), phase=torch.zeros(2))
+    state = rb.state_dict()
+    assert {len(v) for v in state["data"].values()} == {6}
+    for v in state["data"].values():
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
+    saved = io.BytesIO()
+    torch.save(state, saved)
+    assert len(saved.getvalue()) < 20_000  # 6 rows of ~125 floats, not 10,000
+    resumed = ReplayBuffer(10_000, 50, 7, 2, "cpu")
+    resumed.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))
+    assert all(torch.equal(resumed.data[k], rb.data[k]) for k in rb.data) and resumed.ptr == rb.ptr == 6
 
 
 def test_held_residual_transitions_start_at_decisions():
