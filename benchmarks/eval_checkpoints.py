@@ -72,7 +72,7 @@ def main(args: Args):
                              "--base", args.base, "--seed", str(args.seed), "--num-eval-episodes",
                              str(args.num_eval_episodes)]))
     path = args.out + ".json"
-    report = dict(seed=args.seed, num_eval_episodes=args.num_eval_episodes, device="CPU, 2 cores", results=[])
+    report = dict(seed=args.seed, num_eval_episodes=args.num_eval_episodes, device=f"CPU, {os.cpu_count()} cores", results=[])
     if os.path.exists(path):  # a rerun keeps what was measured with the same episodes and skips it
         old = json.load(open(path))
         if (old["seed"], old["num_eval_episodes"]) == (args.seed, args.num_eval_episodes):
