@@ -23,6 +23,8 @@ class Args:
     """output prefix (.json, .png)"""
     target: float = 0.9
     """a success target to draw (0: none)"""
+    seeds: list[int] = field(default_factory=list)
+    """only these seeds, in every setting (default: each setting's own seeds), so that means compare like with like"""
 
 
 def main(args: Args):
@@ -36,10 +38,13 @@ def main(args: Args):
         label, sep, path = item.partition("=")
         if not sep or not os.path.exists(path):
             raise SystemExit(f"error: --curves takes label=path pairs of existing files, got {item!r}")
-        runs = [r for r in json.load(open(path))["runs"] if r["variant"] == "residual"]
+        runs = [r for r in json.load(open(path))["runs"] if r["variant"] == "residual"
+                and (not args.seeds or r["seed"] in args.seeds)]
+        if args.seeds and sorted(r["seed"] for r in runs) != sorted(set(args.seeds)):
+            raise SystemExit(f"error: {path} lacks some of --seeds {args.seeds}")
         settings[label] = {r["seed"]: dict(r["eval_success_at_end"]) for r in runs}
     steps = sorted(set.intersection(*(set(s) for runs in settings.values() for s in runs.values())))
-    summary = dict(curves=args.curves, steps=steps, settings={})
+    summary = dict(curves=args.curves, seeds=args.seeds or "all", steps=steps, settings={})
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (label, runs) in enumerate(settings.items()):
         color = f"C{i}"
