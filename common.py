@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -47,6 +48,9 @@ class ConfigError(ValueError):
 
 def exit_on_config_error(main: Callable[[], None]) -> None:
     """Run `main`; a ConfigError becomes `error: <message>` on stderr and exit code 2 instead of a traceback."""
+    # A background job of a non-interactive shell starts with Ctrl-C ignored, which Python keeps; the training loops
+    # take Ctrl-C over anyway, so restore it from the start (else `kill -INT` is lost until the first evaluation ends).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()
     except ConfigError as err:
@@ -395,9 +399,8 @@ def _start_forkserver() -> None:
 
 
 def _cpu_worker(ignore_terminations, info_keys, make_kwargs, rank):
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training script's to handle (it saves, then closes us)
+    if multiprocessing.parent_process() is not None:  # gymnasium also calls this in the script, for the spaces
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training script's (it saves, then closes us)
     torch.set_num_threads(1)  # one core per simulator process: two envs use both cores of a 2-core machine
     return _CPUWorker(_make_maniskill(**make_kwargs, rank=rank), ignore_terminations, info_keys)
 

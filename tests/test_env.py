@@ -1,5 +1,6 @@
 """Environment factory: CPU vector env parity with single envs, ManiSkill's eval protocol, bad inputs."""
 
+import signal
 import time
 
 import gymnasium as gym
@@ -17,6 +18,8 @@ def test_cpu_vector_env_matches_single_envs():
     actions = torch.rand(steps, 2, 7, generator=gen) * 2 - 1
     envs = common.make_env(2, "physx_cpu", seed=seed)
     try:
+        # gymnasium builds one env in this process for its spaces: Ctrl-C must stay ours, only the workers ignore it
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         obs = envs.reset()
         vec = [(obs["state"].clone(), None, None)]
         t0 = time.perf_counter()

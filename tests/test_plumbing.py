@@ -44,6 +44,21 @@ def test_quaternion_to_matrix_is_maniskills_bit_for_bit(shape, dtype):
                                torch.eye(3, dtype=dtype).expand(*shape[:-1], 3, 3))
 
 
+def test_scripts_take_ctrl_c_even_when_started_with_it_ignored():
+    """As a background job of a non-interactive shell is: Ctrl-C must still stop the run before its loop starts."""
+    import signal
+
+    seen = []
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            common.exit_on_config_error(lambda: (seen.append(signal.getsignal(signal.SIGINT)),
+                                                 signal.raise_signal(signal.SIGINT)))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [signal.default_int_handler] and exit_info.value.code == 130
+
+
 def test_checkpoint_round_trip_and_errors(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     common.save_checkpoint(path, dict(script="sac_residual.py", base="coarse", step=5, w=torch.arange(3)))
