@@ -16,10 +16,14 @@ def test_cpu_vector_env_matches_single_envs():
     seed, steps = 7, 110  # 110 > 100 steps: crosses the truncation and the same-step reset
     gen = torch.Generator().manual_seed(0)
     actions = torch.rand(steps, 2, 7, generator=gen) * 2 - 1
-    envs = common.make_env(2, "physx_cpu", seed=seed)
+    # gymnasium builds one env in this process for its spaces: Ctrl-C must stay ours, only the workers ignore it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (pytest-xdist's workers ignore it)
     try:
-        # gymnasium builds one env in this process for its spaces: Ctrl-C must stay ours, only the workers ignore it
+        envs = common.make_env(2, "physx_cpu", seed=seed)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
         obs = envs.reset()
         vec = [(obs["state"].clone(), None, None)]
         t0 = time.perf_counter()
