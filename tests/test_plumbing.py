@@ -1,6 +1,7 @@
 """Residual composition, checkpoints, running mean/std, logging."""
 
 import os
+import signal
 
 import pytest
 import torch
@@ -46,8 +47,6 @@ def test_quaternion_to_matrix_is_maniskills_bit_for_bit(shape, dtype):
 
 def test_scripts_take_ctrl_c_even_when_started_with_it_ignored():
     """As a background job of a non-interactive shell is: Ctrl-C must still stop the run before its loop starts."""
-    import signal
-
     seen = []
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
